@@ -1,0 +1,64 @@
+"""The ``metad2a`` command: a thin typer layer over the library.
+
+Each subcommand lives in its own module and imports torch-heavy code inside its function,
+so ``metad2a --help`` answers without loading torch.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from .. import __version__
+from ..errors import UserError
+from . import cell, export
+from .common import err_console
+
+app = typer.Typer(
+    name="metad2a",
+    help=(
+        "Pick a NAS-Bench-201 architecture for an image dataset in seconds (MetaD2A).\n\n"
+        "Example: metad2a export --arch 1462 --format onnx -o model.onnx"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"metad2a {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    pass
+
+
+app.command("cell")(cell.cell)
+app.command("export")(export.export)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code instead of exiting (for tests and embedding)."""
+    try:
+        app(args=argv, prog_name="metad2a")
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except UserError as err:
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        return err.exit_code
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())

@@ -1,0 +1,173 @@
+"""Write a cell's network as ONNX or as a self-contained PyTorch program, and prove it.
+
+Every export is checked after writing: the written file is loaded back (onnxruntime, or
+``torch.export.load``) and its output on a random batch must match the PyTorch network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .atomic import atomic_paths, check_writable
+from .errors import UserError
+from .network import Network, NetworkConfig
+from .space import Cell
+
+FORMATS = ("onnx", "torch")
+ONNX_OPSET = 18
+MAX_ABS_DIFF = 1e-4
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+
+
+class ExportCheckError(RuntimeError):
+    """The written model does not reproduce the PyTorch network's output."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    format: str
+    paths: tuple[Path, ...]
+    max_abs_diff: float
+
+
+def build_network(cell: Cell, config: NetworkConfig, seed: int = 0) -> Network:
+    """A freshly initialised network in eval mode; the seed fixes its weights."""
+    config.validate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = Network(cell, config)
+    return net.eval()
+
+
+def describe(cell: Cell, config: NetworkConfig) -> dict:
+    """What a consumer of an exported model needs to know, JSON-ready."""
+    return {
+        "producer": f"metad2a {__version__}",
+        "cell": str(cell),
+        "nb201_index": cell.index,
+        **asdict(config),
+        "input": {"name": INPUT_NAME, "shape": ["batch", config.in_channels, *config.input_size]},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", config.num_classes]},
+    }
+
+
+def _check_batch(config: NetworkConfig, seed: int) -> torch.Tensor:
+    # 3 images, not the 2 used to trace, so the check also exercises the dynamic batch.
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(3, config.in_channels, *config.input_size, generator=g)
+
+
+def _example_batch(config: NetworkConfig) -> torch.Tensor:
+    return torch.zeros(2, config.in_channels, *config.input_size)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    # The ONNX exporter logs its progress and optional-package notices; users want neither.
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def _verify(diff: float, what: str) -> None:
+    if not diff <= MAX_ABS_DIFF:  # also catches NaN
+        raise ExportCheckError(
+            f"{what} output differs from PyTorch by {diff:.3g} (allowed {MAX_ABS_DIFF:g}); "
+            "the file was not written"
+        )
+
+
+def export_onnx(net: Network, path: Path, seed: int = 0) -> ExportResult:
+    import onnx
+    import onnxruntime as ort
+
+    meta = describe(net.cell, net.config)
+    batch = torch.export.Dim("batch", min=1)
+    with atomic_paths(path) as (tmp,), _quiet_exporter():
+        program = torch.onnx.export(
+            net,
+            (_example_batch(net.config),),
+            dynamo=True,
+            opset_version=ONNX_OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={"x": {0: batch}},
+            verbose=False,
+        )
+        model = program.model_proto
+        for key, value in meta.items():
+            entry = model.metadata_props.add()
+            entry.key = key
+            entry.value = value if isinstance(value, str) else json.dumps(value)
+        model.producer_name = "metad2a"
+        model.producer_version = __version__
+        onnx.save_model(model, str(tmp))
+
+        x = _check_batch(net.config, seed)
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        (out,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
+        with torch.no_grad():
+            diff = _max_abs_diff(torch.from_numpy(out), net(x))
+        _verify(diff, "onnxruntime")
+    return ExportResult("onnx", (path,), diff)
+
+
+def torch_sidecars(path: Path) -> tuple[Path, Path]:
+    """The weights and description files written beside a PyTorch program."""
+    return path.with_suffix(".safetensors"), path.with_suffix(".json")
+
+
+def export_torch(net: Network, path: Path, seed: int = 0) -> ExportResult:
+    from safetensors.torch import save_file
+
+    weights_path, json_path = torch_sidecars(path)
+    if path in (weights_path, json_path):
+        raise UserError(f"{path}: give the PyTorch program a .pt2 name, e.g. model.pt2")
+    meta = describe(net.cell, net.config)
+    meta["files"] = {"program": path.name, "weights": weights_path.name}
+    meta["load"] = f"torch.export.load('{path.name}').module()"
+    batch = torch.export.Dim("batch", min=1)
+    with atomic_paths(path, weights_path, json_path) as (tmp, tmp_weights, tmp_json):
+        with _quiet_exporter():
+            program = torch.export.export(
+                net, (_example_batch(net.config),), dynamic_shapes={"x": {0: batch}}
+            )
+        torch.export.save(program, str(tmp))
+        state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+        save_file(state, str(tmp_weights), metadata={"cell": str(net.cell)})
+        tmp_json.write_text(json.dumps(meta, indent=2) + "\n")
+
+        x = _check_batch(net.config, seed)
+        loaded = torch.export.load(str(tmp)).module()
+        with torch.no_grad():
+            diff = _max_abs_diff(loaded(x), net(x))
+        _verify(diff, "the saved PyTorch program's")
+    return ExportResult("torch", (path, weights_path, json_path), diff)
+
+
+def export_network(net: Network, fmt: str, path: Path, seed: int = 0) -> ExportResult:
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    check_writable(path)
+    return (export_onnx if fmt == "onnx" else export_torch)(net, path, seed)
