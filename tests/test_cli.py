@@ -1,0 +1,112 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from metad2a_cli.cli import run
+from metad2a_cli.space import Cell
+
+RESNET = "|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|"
+BIN = Path(sys.executable).parent
+
+
+def test_help_explains_every_command_without_torch():
+    code = (
+        "import sys\n"
+        "from metad2a_cli.cli import run\n"
+        "codes = [run(a) for a in (['--help'], ['cell', '--help'], ['export', '--help'])]\n"
+        "print('TORCH', 'torch' in sys.modules, codes)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "TORCH False [0, 0, 0]" in out
+    assert "Example" in out and "export" in out and "--run" in out and "--rank" in out
+
+
+def test_version_and_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "metad2a_cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("metad2a ")
+
+
+def test_bad_cell_is_one_line_exit_2():
+    exe = BIN / "metad2a"
+    bad = "|none~0|+|none~0|max_pool~1|+|none~0|none~1|none~2|"
+    out = subprocess.run([str(exe), "cell", bad], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0
+    assert "unknown op 'max_pool'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_cell_json(capsys):
+    assert run(["cell", "11472", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["cell"] == RESNET and info["nb201_index"] == 11472
+    assert info["params"] > 0 and info["flops"] > info["params"]
+
+
+def test_cell_options_change_the_cost(capsys):
+    run(["cell", RESNET, "--json"])
+    base = json.loads(capsys.readouterr().out)
+    run(["cell", RESNET, "--json", "--num-classes", "100", "--channels", "32"])
+    big = json.loads(capsys.readouterr().out)
+    assert big["params"] > base["params"]
+
+
+def test_export_onnx_from_cli(tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    args = ["export", "--arch", RESNET, "-o", str(out), "--json", "--channels", "4", "--cells", "1"]
+    assert run(args) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["files"] == [str(out)] and out.stat().st_size > 0
+    assert info["nb201_index"] == 11472 and info["max_abs_diff"] <= 1e-4
+
+
+def _save_run(cache: Path, run_id: str, cells: list[str], num_classes: int) -> None:
+    runs = cache / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "id": run_id,
+        "dataset": {"num_classes": num_classes, "in_channels": 3},
+        "ranking": [{"rank": i + 1, "cell": c} for i, c in enumerate(cells)],
+    }
+    (runs / f"{run_id}.json").write_text(json.dumps(doc))
+    (runs / "last").write_text(run_id)
+
+
+def test_export_from_saved_run(tmp_path, capsys):
+    cache = Path(os.environ["METAD2A_CACHE"])
+    second = str(Cell.from_index(42))
+    _save_run(cache, "run-1", [RESNET, second], num_classes=7)
+    out = tmp_path / "m.pt2"
+    assert run(["export", "--run", "last", "--rank", "2", "-f", "torch", "-o", str(out), "--json",
+                "--channels", "4", "--cells", "1"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["cell"] == second
+    meta = json.loads((tmp_path / "m.json").read_text())
+    assert meta["num_classes"] == 7
+
+    assert run(["export", "--run", "run-1", "--rank", "3", "-o", str(tmp_path / "x.onnx")]) == 2
+    assert "no rank 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["export", "-o", "m.onnx"], "exactly one of --arch or --run"),
+        (["export", "--arch", "1", "--run", "last", "-o", "m.onnx"], "exactly one of --arch or --run"),
+        (["export", "--run", "last", "-o", "m.onnx"], "no saved search run"),
+        (["export", "--arch", "99999", "-o", "m.onnx"], "not in 0..15624"),
+        (["export", "--arch", "1", "-o", "/nonexistent-dir/m.onnx"], "does not exist"),
+        (["export", "--arch", "1", "--in-channels", "2", "-o", "m.onnx"], "1 or 3"),
+        (["export", "--arch", "1", "--input-size", "8", "8", "-o", "m.onnx"], "at least 16x16"),
+    ],
+)
+def test_export_user_errors(args, fragment, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert fragment in err
+    assert not (tmp_path / "m.onnx").exists()

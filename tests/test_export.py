@@ -1,0 +1,150 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from metad2a_cli import export as export_mod
+from metad2a_cli.errors import UserError
+from metad2a_cli.export import ExportCheckError, build_network, export_network
+from metad2a_cli.network import NetworkConfig
+from metad2a_cli.space import Cell
+
+CELL = Cell.parse("|nor_conv_3x3~0|+|avg_pool_3x3~0|nor_conv_1x1~1|+|skip_connect~0|none~1|nor_conv_3x3~2|")
+# Small shapes keep the exporter quick; odd sizes exercise the reduction blocks' padding.
+CONFIG = NetworkConfig(num_classes=5, channels=4, cells_per_stage=1, in_channels=1, input_size=(21, 18))
+
+
+@pytest.fixture(scope="module")
+def net():
+    return build_network(CELL, CONFIG, seed=3)
+
+
+@pytest.fixture(scope="module")
+def onnx_file(net, tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    result = export_network(net, "onnx", path)
+    assert result.paths == (path,)
+    assert result.max_abs_diff <= 1e-4
+    return path
+
+
+def test_onnx_runs_in_onnxruntime_with_any_batch(net, onnx_file):
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.name == "images"
+    assert isinstance(inp.shape[0], str), "batch dimension must be dynamic"
+    assert inp.shape[1:] == [1, 21, 18]
+    for batch in (1, 7):
+        x = torch.randn(batch, 1, 21, 18)
+        (out,) = session.run(None, {"images": x.numpy()})
+        with torch.no_grad():
+            ref = net(x).numpy()
+        assert out.shape == (batch, 5)
+        assert np.abs(out - ref).max() <= 1e-4
+
+
+def test_onnx_metadata_names_the_cell(onnx_file):
+    model = onnx.load(str(onnx_file))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["cell"] == str(CELL)
+    assert int(meta["nb201_index"]) == CELL.index
+    assert int(meta["num_classes"]) == 5
+    assert model.opset_import[0].version >= 17
+
+
+def test_seed_fixes_the_weights():
+    a = build_network(CELL, CONFIG, seed=1).state_dict()
+    b = build_network(CELL, CONFIG, seed=1).state_dict()
+    c = build_network(CELL, CONFIG, seed=2).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_torch_export_loads_without_metad2a(net, tmp_path):
+    path = tmp_path / "model.pt2"
+    result = export_network(net, "torch", path)
+    weights, meta_path = tmp_path / "model.safetensors", tmp_path / "model.json"
+    assert result.paths == (path, weights, meta_path)
+    meta = json.loads(meta_path.read_text())
+    assert meta["cell"] == str(CELL) and meta["nb201_index"] == CELL.index
+    assert meta["input"]["shape"] == ["batch", 1, 21, 18]
+    state = load_file(str(weights))
+    assert set(state) == set(net.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+
+    x = torch.randn(4, 1, 21, 18)
+    torch.save(x, tmp_path / "x.pt")
+    # A fresh interpreter in which importing metad2a_cli fails outright.
+    script = (
+        "import sys, torch; sys.modules['metad2a_cli'] = None\n"
+        f"m = torch.export.load({str(path)!r}).module()\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+        f"torch.save(m(x), {str(tmp_path / 'y.pt')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(torch.load(tmp_path / "y.pt"), net(x), atol=1e-5)
+
+
+def _no_partials(folder):
+    return [p.name for p in folder.iterdir() if ".part" in p.name]
+
+
+def test_failed_check_leaves_no_file(net, tmp_path, monkeypatch):
+    path = tmp_path / "model.onnx"
+    monkeypatch.setattr(export_mod, "MAX_ABS_DIFF", -1.0)
+    with pytest.raises(ExportCheckError):
+        export_network(net, "onnx", path)
+    assert not path.exists()
+    assert _no_partials(tmp_path) == []
+
+
+def test_interrupt_keeps_the_old_file(net, tmp_path, monkeypatch):
+    path = tmp_path / "model.pt2"
+    path.write_text("previous export")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.export, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_network(net, "torch", path)
+    assert path.read_text() == "previous export"
+    assert not (tmp_path / "model.safetensors").exists()
+    assert _no_partials(tmp_path) == []
+
+
+def test_write_error_becomes_user_error(net, tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "x"))
+
+    monkeypatch.setattr(torch.export, "save", full_disk)
+    with pytest.raises(UserError, match="No space left"):
+        export_network(net, "torch", tmp_path / "model.pt2")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_destinations(net, tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        export_network(net, "onnx", tmp_path / "missing" / "model.onnx")
+    with pytest.raises(UserError, match="is a folder"):
+        export_network(net, "onnx", tmp_path)
+    with pytest.raises(UserError, match="unknown format"):
+        export_network(net, "tflite", tmp_path / "m.tflite")
+    with pytest.raises(UserError, match=".pt2"):
+        export_network(net, "torch", tmp_path / "model.json")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_folder(net, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    with pytest.raises(UserError, match="permission denied"):
+        export_network(net, "onnx", locked / "model.onnx")
