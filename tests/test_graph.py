@@ -37,7 +37,7 @@ def test_invalid_type_rows_decode_to_none():
 
 
 def test_adjacency_is_the_cell_dag():
-    adj = ADJACENCY
+    adj = torch.from_numpy(ADJACENCY)
     assert adj.shape == (8, 8)
     assert not torch.tril(adj).any(), "node order must be topological"
     # ops reading the cell input: edges (1<-0), (2<-0), (3<-0) are nodes 1, 2, 4

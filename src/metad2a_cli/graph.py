@@ -9,21 +9,25 @@ the models run over thousands of cells as plain batched tensors.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from .space import EDGES, OPS, Cell
+
+if TYPE_CHECKING:
+    import torch
 
 NUM_NODES = len(EDGES) + 2  # 8
 NUM_NODE_TYPES = len(OPS) + 2  # 7
 INPUT_TYPE, OUTPUT_TYPE = 0, 1
 
 
-def _adjacency() -> torch.Tensor:
+def _adjacency() -> np.ndarray:
     # adj[u, v] = 1 when node u feeds node v. An op node on edge (dst <- src) reads the
     # op nodes that end in cell node `src` (or the input node when src == 0); the output
     # node reads every op that ends in cell node 3.
-    adj = torch.zeros(NUM_NODES, NUM_NODES, dtype=torch.bool)
+    adj = np.zeros((NUM_NODES, NUM_NODES), dtype=bool)
     for v, (_, src) in enumerate(EDGES, start=1):
         if src == 0:
             adj[0, v] = True
@@ -37,23 +41,26 @@ def _adjacency() -> torch.Tensor:
 
 
 ADJACENCY = _adjacency()  # (8, 8), strictly upper triangular: node order is topological
+PREDECESSORS = [np.flatnonzero(ADJACENCY[:, v]).tolist() for v in range(NUM_NODES)]
+SUCCESSORS = [np.flatnonzero(ADJACENCY[v]).tolist() for v in range(NUM_NODES)]
+
+
+def node_type_array(cells: Sequence[Cell]) -> np.ndarray:
+    """(B, 8) int64 node type ids, without torch."""
+    ops = np.asarray([c.ops for c in cells], dtype=np.int64).reshape(len(cells), len(EDGES))
+    types = np.empty((len(cells), NUM_NODES), dtype=np.int64)
+    types[:, 0], types[:, 1:-1], types[:, -1] = INPUT_TYPE, ops + 2, OUTPUT_TYPE
+    return types
 
 
 def node_types(cells: Sequence[Cell]) -> torch.Tensor:
     """(B, 8) long tensor of node type ids."""
-    ops = torch.tensor([c.ops for c in cells], dtype=torch.long).reshape(len(cells), len(EDGES))
-    b = ops.shape[0]
-    return torch.cat(
-        [
-            torch.full((b, 1), INPUT_TYPE, dtype=torch.long),
-            ops + 2,
-            torch.full((b, 1), OUTPUT_TYPE, dtype=torch.long),
-        ],
-        dim=1,
-    )
+    import torch
+
+    return torch.from_numpy(node_type_array(cells))
 
 
-def cells_from_node_types(types: torch.Tensor) -> list[Cell | None]:
+def cells_from_node_types(types: torch.Tensor | np.ndarray) -> list[Cell | None]:
     """Inverse of ``node_types``; rows that are not a valid cell give None."""
     cells: list[Cell | None] = []
     for row in types.tolist():
@@ -70,4 +77,6 @@ def cells_from_node_types(types: torch.Tensor) -> list[Cell | None]:
 
 def one_hot_graphs(cells: Sequence[Cell]) -> torch.Tensor:
     """(B, 8, 7) float one-hot node features."""
+    import torch
+
     return torch.nn.functional.one_hot(node_types(cells), NUM_NODE_TYPES).float()
