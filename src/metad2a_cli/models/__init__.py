@@ -3,6 +3,6 @@
 from .generator import CellGenerator
 from .predictor import MetaPredictor
 from .set_encoder import SetEncoder
-from .sizes import ModelSizes
+from ..sizes import ModelSizes
 
 __all__ = ["CellGenerator", "MetaPredictor", "ModelSizes", "SetEncoder"]

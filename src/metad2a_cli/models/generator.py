@@ -16,7 +16,7 @@ from torch import nn
 from ..graph import INPUT_TYPE, NUM_NODE_TYPES, NUM_NODES, OUTPUT_TYPE, PREDECESSORS
 from .dag_gru import GatedMessage
 from .set_encoder import SetEncoder
-from .sizes import ModelSizes
+from ..sizes import ModelSizes
 
 
 

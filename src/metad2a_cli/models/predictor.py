@@ -7,7 +7,7 @@ from torch import nn
 
 from .dag_gru import DagGRU
 from .set_encoder import SetEncoder
-from .sizes import ModelSizes
+from ..sizes import ModelSizes
 
 
 class GraphEncoder(nn.Module):
