@@ -1,0 +1,206 @@
+"""Search: dataset features -> ranked NAS-Bench-201 cells, with the NumPy engine.
+
+Nothing here imports torch: with cached image features, a search is NumPy work of well
+under a second. The embedding of every cell depends only on the weights, so it is
+computed once per set of weights and kept in the cache folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import engine
+from .atomic import atomic_paths
+from .cost import cell_cost
+from .errors import UserError
+from .graph import node_type_array
+from .paths import cache_dir
+from .sizes import ModelSizes
+from .space import NUM_CELLS, Cell
+
+MODEL_FILE = "model.safetensors"
+SAMPLE_BATCH = 1000
+MAX_SAMPLES = 50_000
+
+
+@dataclass(frozen=True)
+class RankedCell:
+    rank: int
+    cell: str
+    nb201_index: int
+    predicted_accuracy: float
+    params: int
+    flops: int
+
+
+@dataclass
+class SearchResult:
+    ranking: list[RankedCell]
+    num_classes: int
+    mode: str  # "generate" or "exhaustive"
+    candidates: int
+    samples_drawn: int
+    valid_fraction: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SearchModel:
+    """Trained weights as NumPy arrays, plus what is derived from them once."""
+
+    def __init__(self, weights: dict[str, np.ndarray], sizes: ModelSizes, identity: str, target: dict | None = None):
+        self.weights = weights
+        self.sizes = sizes
+        self.identity = identity  # sha256 of the weights file: keys derived caches
+        # Predictor outputs are standardised accuracies; map them back to percent.
+        self.target = target or {"mean": 0.0, "std": 1.0}
+        self._embeddings: np.ndarray | None = None
+
+    @classmethod
+    def load(cls, folder: Path, config: dict) -> SearchModel:
+        from safetensors.numpy import load_file
+
+        path = folder / MODEL_FILE
+        if not path.is_file():
+            raise UserError(f"{folder} has no {MODEL_FILE}")
+        identity = config.get("files", {}).get(MODEL_FILE) or hashlib.sha256(path.read_bytes()).hexdigest()
+        sizes = ModelSizes.from_dict(config["model"])
+        return cls(load_file(str(path)), sizes, identity, config.get("target"))
+
+    # -- derived once per weights ------------------------------------------------------------
+
+    def cell_embeddings(self) -> np.ndarray:
+        """(15625, latent) predictor embeddings of every cell, indexed by ``Cell.code``."""
+        if self._embeddings is None:
+            path = cache_dir() / "cell-embeddings" / f"{self.identity[:32]}.npy"
+            self._embeddings = _load_array(path, (NUM_CELLS, self.sizes.latent))
+            if self._embeddings is None:
+                types = node_type_array([Cell.from_code(c) for c in range(NUM_CELLS)])
+                self._embeddings = engine.graph_encode(self.weights, types).astype(np.float32)
+                _save_array(path, self._embeddings)
+        return self._embeddings
+
+    # -- per dataset ---------------------------------------------------------------------------
+
+    def dataset_batch(self, features: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-class (n_i, F) arrays -> padded (1, K, M, F) and mask (1, K, M)."""
+        if len(features) < 2:
+            raise UserError(f"a search needs at least 2 classes, got {len(features)}")
+        dim = self.sizes.feature_dim
+        m = max(len(f) for f in features)
+        x = np.zeros((1, len(features), m, dim), dtype=np.float32)
+        mask = np.zeros((1, len(features), m), dtype=bool)
+        for i, f in enumerate(features):
+            f = np.asarray(f, dtype=np.float32)
+            if f.ndim != 2 or f.shape[1] != dim or len(f) == 0:
+                raise UserError(f"class {i} features have shape {f.shape}; expected (n>0, {dim})")
+            x[0, i, : len(f)] = f
+            mask[0, i, : len(f)] = True
+        return x, mask
+
+    def predict_all(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Predicted accuracy (percent) of every cell, indexed by ``Cell.code``."""
+        d = engine.set_encode(self.weights, "predictor.set_encoder", x, mask, self.sizes.heads)[0]
+        scores = engine.score(self.weights, d, self.cell_embeddings())
+        return scores * self.target["std"] + self.target["mean"]
+
+    def generate(self, x: np.ndarray, mask: np.ndarray, num_candidates: int, rng: np.random.Generator) -> tuple[list[int], int, float]:
+        """Sample cells from p(G|z), z ~ q(z|D), until ``num_candidates`` unique ones.
+
+        Returns the unique cell codes in order of first appearance, the number of samples
+        drawn and the fraction of samples that were valid cells.
+        """
+        mu, logvar = engine.generator_posterior(self.weights, x, mask, self.sizes.heads)
+        std = np.exp(0.5 * logvar)
+        seen: dict[int, None] = {}
+        drawn = valid = 0
+        while len(seen) < num_candidates and drawn < MAX_SAMPLES:
+            eps = rng.standard_normal((SAMPLE_BATCH, mu.shape[1])).astype(np.float32)
+            z = mu + eps * std
+            ops = engine.generate(self.weights, z, rng.random((SAMPLE_BATCH, 6), dtype=np.float32))
+            ok = (ops >= 0).all(1) & (ops <= 4).all(1)
+            codes = (ops[ok] * (5 ** np.arange(5, -1, -1))).sum(1)
+            drawn += SAMPLE_BATCH
+            valid += int(ok.sum())
+            for code in codes.tolist():
+                seen.setdefault(code)
+                if len(seen) == num_candidates:
+                    break
+        return list(seen), drawn, valid / max(drawn, 1)
+
+    def search(
+        self,
+        features: Sequence[np.ndarray],
+        top_k: int = 5,
+        num_candidates: int = 500,
+        exhaustive: bool = False,
+        seed: int = 0,
+    ) -> SearchResult:
+        if top_k < 1 or num_candidates < 1:
+            raise UserError("--top-k and --num-candidates must be at least 1")
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        x, mask = self.dataset_batch(features)
+        if exhaustive:
+            codes, drawn, valid = list(range(NUM_CELLS)), 0, 1.0
+        else:
+            rng = np.random.default_rng(seed)
+            codes, drawn, valid = self.generate(x, mask, min(num_candidates, NUM_CELLS), rng)
+        t1 = time.perf_counter()
+        timings["generate"] = t1 - t0
+        accuracy = self.predict_all(x, mask)
+        chosen = np.asarray(codes)
+        # Stable sort on -score keeps generation order among ties: same seed, same ranking.
+        order = chosen[np.argsort(-accuracy[chosen], kind="stable")][:top_k]
+        num_classes = len(features)
+        ranking = []
+        for rank, code in enumerate(order.tolist(), start=1):
+            cell = Cell.from_code(code)
+            cost = cell_cost(cell, num_classes=num_classes)
+            ranking.append(RankedCell(rank, str(cell), cell.index, float(accuracy[code]), cost.params, cost.flops))
+        timings["rank"] = time.perf_counter() - t1
+        return SearchResult(
+            ranking=ranking,
+            num_classes=num_classes,
+            mode="exhaustive" if exhaustive else "generate",
+            candidates=len(codes),
+            samples_drawn=drawn,
+            valid_fraction=valid,
+            timings=timings,
+        )
+
+
+def _load_array(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A cached array, or None when missing or damaged (it is then rebuilt)."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    if arr.shape != shape or arr.dtype != np.float32 or not np.isfinite(arr).all():
+        return None
+    return arr
+
+
+def _save_array(path: Path, arr: np.ndarray) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_paths(path) as (tmp,):
+            buf = io.BytesIO()
+            np.save(buf, arr, allow_pickle=False)
+            tmp.write_bytes(buf.getvalue())
+    except (OSError, UserError):
+        pass  # a cache that cannot be written only costs time
+
+
+def result_json(result: SearchResult, extra: dict | None = None) -> str:
+    return json.dumps({**result.to_dict(), **(extra or {})}, indent=2)
