@@ -1,0 +1,425 @@
+"""The meta-training database: tasks drawn from image collections, cells trained on them.
+
+A database is a folder:
+
+    manifest.json            format, encoder identity, proxy schedule, sources + hashes, seed
+    tasks.json               every task: source, classes, train/validation files
+    features/<source>.safetensors   per class (n, 1280) float16 features, ``class.<i>``
+    records-<i>of<n>.jsonl   one line per trained (task, cell): accuracy, seconds
+
+Records are appended and fsynced a line at a time, so killing a builder loses at most the
+cells in flight, and running the same command again skips every (task, cell) already
+recorded. Builders of different shards (``--shard i/n``) write different files; a second
+builder of the same shard is refused by a lock. ``merge`` joins the shard files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_paths
+from .errors import UserError
+from .proxy import ProxySchedule
+from .space import Cell
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TASKS = "tasks.json"
+MERGED = "records.jsonl"
+
+# Cells for the records of a task: half drawn uniformly (the predictor needs a spread), half
+# from a prior that favours convolutions (the generator needs good cells to imitate, and
+# NAS-Bench-201's best cells are convolution-heavy).
+GOOD_PRIOR = np.array([0.05, 0.15, 0.25, 0.40, 0.15])  # none, skip, 1x1, 3x3, pool
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    num_tasks: int = 300
+    min_classes: int = 5
+    max_classes: int = 20
+    images_per_class: int = 40  # train + validation images per class and task
+    val_fraction: float = 0.25
+    features_per_class: int = 30  # stored features per class (a search samples 20)
+    cells_per_task: int = 10
+    seed: int = 0
+    schedule: ProxySchedule = field(default_factory=ProxySchedule)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["schedule"] = self.schedule.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BuildSettings:
+        d = dict(d)
+        d["schedule"] = ProxySchedule.from_dict(d["schedule"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    source: str
+    classes: list[str]
+    train: list[list[str]]  # per class, file paths relative to the source root
+    val: list[list[str]]
+    cells: list[str]
+
+
+@dataclass(frozen=True)
+class Record:
+    task: str
+    cell: str
+    accuracy: float
+    seconds: float
+
+
+# -- sources ---------------------------------------------------------------------------------
+
+
+def source_hash(folder) -> str:
+    """sha256 over every candidate file's relative path and bytes: names what was read."""
+    h = hashlib.sha256()
+    for cls, files in zip(folder.classes, folder.files):
+        for f in files:
+            h.update(f"{cls}/{f.relative_to(folder.root)}\0".encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+# -- tasks -----------------------------------------------------------------------------------
+
+
+def draw_cells(rng: np.random.Generator, n: int) -> list[Cell]:
+    cells: list[Cell] = []
+    seen: set[int] = set()
+    while len(cells) < n:
+        if len(cells) % 2 == 0:
+            ops = rng.integers(0, 5, 6)
+        else:
+            ops = rng.choice(5, 6, p=GOOD_PRIOR)
+        cell = Cell(tuple(int(o) for o in ops))
+        if cell.code not in seen:
+            seen.add(cell.code)
+            cells.append(cell)
+    return cells
+
+
+def draw_tasks(folders: dict, settings: BuildSettings) -> list[Task]:
+    """Tasks from ``folders`` ({source name: ImageFolder}); the same seed, the same tasks."""
+    from .images import sample_order
+
+    names = sorted(folders)
+    usable = {n: [i for i, files in enumerate(folders[n].files) if len(files) >= 8] for n in names}
+    names = [n for n in names if len(usable[n]) >= settings.min_classes]
+    if not names:
+        raise UserError(f"no source has {settings.min_classes} classes with at least 8 images")
+    tasks = []
+    for t in range(settings.num_tasks):
+        rng = np.random.default_rng([settings.seed, t])
+        name = names[int(rng.integers(len(names)))]
+        folder = folders[name]
+        upper = min(settings.max_classes, len(usable[name]))
+        k = int(rng.integers(settings.min_classes, upper + 1))
+        chosen = sorted(rng.choice(usable[name], size=k, replace=False).tolist())
+        train, val = [], []
+        for i in chosen:
+            order = sample_order(folder.files[i], settings.seed * 1_000_003 + t, folder.classes[i])
+            files = [str(p.relative_to(folder.root)) for p in order[: settings.images_per_class]]
+            n_val = max(2, round(len(files) * settings.val_fraction))
+            val.append(files[:n_val])
+            train.append(files[n_val:])
+        cells = [str(c) for c in draw_cells(rng, settings.cells_per_task)]
+        tasks.append(Task(f"t{t:05d}", name, [folder.classes[i] for i in chosen], train, val, cells))
+    return tasks
+
+
+# -- the folder ------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, data) -> None:
+    with atomic_paths(path) as (tmp,):
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(p) for p in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard must look like 0/4, got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise UserError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+class Database:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    @property
+    def manifest(self) -> dict:
+        try:
+            data = json.loads((self.path / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise UserError(f"{self.path} is not a metad2a database (no {MANIFEST})") from None
+        except ValueError as err:
+            raise UserError(f"{self.path / MANIFEST} is damaged: {err}") from None
+        if data.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{self.path}: database format {data.get('format_version')} is not supported")
+        return data
+
+    def tasks(self) -> list[Task]:
+        return [Task(**t) for t in json.loads((self.path / TASKS).read_text())]
+
+    def record_files(self) -> list[Path]:
+        return sorted(self.path.glob("records*.jsonl"))
+
+    def records(self) -> list[Record]:
+        """Every record, each (task, cell) once; torn lines from a killed builder are skipped."""
+        seen: dict[tuple[str, str], Record] = {}
+        for f in self.record_files():
+            for line in f.read_text().splitlines():
+                try:
+                    r = Record(**json.loads(line))
+                except (ValueError, TypeError):
+                    continue
+                seen.setdefault((r.task, r.cell), r)
+        return list(seen.values())
+
+    def features(self, source: str) -> dict[str, np.ndarray]:
+        """{class name: (n, F) float32} for one source."""
+        from safetensors import safe_open
+
+        path = self.path / "features" / f"{source}.safetensors"
+        with safe_open(str(path), framework="np") as fh:
+            classes = json.loads(fh.metadata()["classes"])
+            return {c: fh.get_tensor(f"class.{i}").astype(np.float32) for i, c in enumerate(classes)}
+
+    # -- building ------------------------------------------------------------------------------
+
+    def init(self, manifest: dict, tasks: list[Task]) -> None:
+        """Create the folder, or check that it was started with the same settings."""
+        if (self.path / MANIFEST).is_file():
+            old = self.manifest
+            for key in ("encoder", "settings", "sources"):
+                if old.get(key) != manifest.get(key):
+                    raise UserError(
+                        f"{self.path} was built with other {key} than asked now; "
+                        "use a new folder or the original settings"
+                    )
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "features").mkdir(exist_ok=True)
+        _write_json(self.path / TASKS, [asdict(t) for t in tasks])
+        _write_json(self.path / MANIFEST, manifest)  # last: its presence means "initialised"
+
+    @contextlib.contextmanager
+    def shard_writer(self, shard: tuple[int, int]) -> Iterator[Callable[[Record], None]]:
+        i, n = shard
+        for other in self.path.glob("records-*of*.jsonl"):
+            if not other.name.endswith(f"of{n}.jsonl"):
+                raise UserError(
+                    f"{self.path} already has shards of another split ({other.name}); "
+                    f"use --shard i/{other.stem.split('of')[-1]} or merge first"
+                )
+        lock_path = self.path / f".lock-{i}of{n}"
+        lock = open(lock_path, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise UserError(
+                f"another builder is writing shard {i}/{n} of {self.path}; "
+                "wait for it, or give this one a different --shard"
+            ) from None
+        path = self.path / f"records-{i}of{n}.jsonl"
+        with open(path, "a+b") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell():
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":  # a torn line from a kill: close it off
+                    fh.write(b"\n")
+
+            def append(record: Record) -> None:
+                fh.write((json.dumps(asdict(record)) + "\n").encode())
+                fh.flush()
+                os.fsync(fh.fileno())
+
+            try:
+                yield append
+            finally:
+                lock.close()
+
+    def merge(self) -> int:
+        """Join all record files into ``records.jsonl``; returns the number of records."""
+        shard_files = [f for f in self.record_files() if f.name != MERGED]
+        for f in shard_files:
+            lock_path = self.path / f".lock-{f.stem.split('records-')[-1]}"
+            if lock_path.exists():
+                with open(lock_path, "a+") as lock:
+                    try:
+                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        raise UserError(f"a builder is still writing {f.name}; merge when it is done") from None
+        records = sorted(self.records(), key=lambda r: (r.task, r.cell))
+        with atomic_paths(self.path / MERGED) as (tmp,):
+            tmp.write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))
+        for f in shard_files:
+            f.unlink()
+            (self.path / f".lock-{f.stem.split('records-')[-1]}").unlink(missing_ok=True)
+        return len(records)
+
+    def info(self) -> dict:
+        manifest = self.manifest
+        tasks = self.tasks()
+        records = self.records()
+        acc = np.array([r.accuracy for r in records]) if records else np.zeros(0)
+        per_task: dict[str, int] = {}
+        for r in records:
+            per_task[r.task] = per_task.get(r.task, 0) + 1
+        complete = sum(1 for t in tasks if per_task.get(t.id, 0) >= len(t.cells))
+        sources: dict[str, int] = {}
+        for t in tasks:
+            if per_task.get(t.id):
+                sources[t.source] = sources.get(t.source, 0) + 1
+        size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return {
+            "path": str(self.path),
+            "encoder": manifest["encoder"]["identity"],
+            "schedule": manifest["settings"]["schedule"],
+            "tasks": len(tasks),
+            "tasks_complete": complete,
+            "tasks_with_records": len(per_task),
+            "records": len(records),
+            "unique_cells": len({r.cell for r in records}),
+            "tasks_per_source": sources,
+            "accuracy": {
+                "min": float(acc.min()) if acc.size else None,
+                "median": float(np.median(acc)) if acc.size else None,
+                "max": float(acc.max()) if acc.size else None,
+                "histogram": np.histogram(acc, bins=10, range=(0, 100))[0].tolist() if acc.size else [],
+            },
+            "build_seconds": float(sum(r.seconds for r in records)),
+            "size_bytes": size,
+        }
+
+
+# -- the builder -----------------------------------------------------------------------------
+
+
+def _load_task_images(root: Path, files: list[list[str]], size: int):
+    import torch
+
+    from .images import BadImage, load_rgb
+
+    xs, ys = [], []
+    for label, class_files in enumerate(files):
+        for f in class_files:
+            try:
+                img = load_rgb(root / f)
+            except BadImage:
+                continue
+            xs.append(np.asarray(img.resize((size, size), 2)))  # 2 = bilinear
+            ys.append(label)
+    x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float() / 255.0
+    return x, torch.tensor(ys)
+
+
+def _normalise(train, val):
+    mean = train[0].mean((0, 2, 3), keepdim=True)
+    std = train[0].std((0, 2, 3), keepdim=True).clamp_min(1e-3)
+    return ((train[0] - mean) / std, train[1]), ((val[0] - mean) / std, val[1])
+
+
+def build(
+    db_path: Path,
+    sources: Sequence[Path],
+    settings: BuildSettings,
+    shard: tuple[int, int] = (0, 1),
+    device: str = "cpu",
+    chunk: int = 1,
+    resolution: int | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+    max_tasks: int | None = None,
+) -> int:
+    """Build (or resume) a database; returns the number of records written in this run."""
+    from .encoder import DEFAULT_RESOLUTION, ImageEncoder
+    from .features import encode_images
+    from .images import read_image_folder
+    from .proxy import train_cells
+
+    resolution = resolution or DEFAULT_RESOLUTION
+    folders = {}
+    for src in sources:
+        src = Path(src)
+        if not src.is_dir():
+            raise UserError(f"source {src} is not a folder")
+        folders[src.name] = read_image_folder(src)
+    db = Database(db_path)
+    encoder = ImageEncoder(resolution=resolution, device=device)
+    tasks = draw_tasks(folders, settings)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "encoder": {"identity": encoder.identity, "resolution": resolution, "feature_dim": 1280},
+        "settings": settings.to_dict(),
+        "sources": {n: {"hash": source_hash(f), "classes": len(f.classes), "files": f.num_files} for n, f in folders.items()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    db.init(manifest, tasks)
+    tasks = db.tasks()
+
+    # Features: all classes of each source a task uses, encoded once per source.
+    for name in sorted({t.source for t in tasks}):
+        path = db.path / "features" / f"{name}.safetensors"
+        if path.is_file():
+            continue
+        feats = encode_images(folders[name], settings.features_per_class, settings.seed, encoder, cache=True)
+        from safetensors.numpy import save_file
+
+        tensors = {f"class.{i}": f.numpy().astype(np.float16) for i, f in enumerate(feats.features)}
+        with atomic_paths(path) as (tmp,):
+            save_file(tensors, str(tmp), metadata={"classes": json.dumps(feats.classes), "encoder": feats.encoder})
+
+    done = {(r.task, r.cell) for r in db.records()}
+    i, n = shard
+    mine = [t for k, t in enumerate(tasks) if k % n == i]
+    if max_tasks is not None:
+        mine = mine[:max_tasks]
+    todo = sum(1 for t in mine for c in t.cells if (t.id, c) not in done)
+    written = 0
+    t_start = time.perf_counter()
+    with db.shard_writer(shard) as append:
+        for task in mine:
+            cells = [c for c in task.cells if (task.id, c) not in done]
+            if not cells:
+                continue
+            root = folders[task.source].root
+            size = settings.schedule.input_size
+            train, val = _normalise(_load_task_images(root, task.train, size), _load_task_images(root, task.val, size))
+            for j in range(0, len(cells), chunk):
+                group = cells[j : j + chunk]
+                t0 = time.perf_counter()
+                seed = settings.seed * 1_000_003 + int(task.id[1:])
+                acc = train_cells([Cell.parse(c) for c in group], train, val, settings.schedule, seed=seed, device=device)
+                seconds = (time.perf_counter() - t0) / len(group)
+                for c, a in zip(group, acc):
+                    append(Record(task.id, c, round(float(a), 4), round(seconds, 3)))
+                    written += 1
+                if progress:
+                    progress(written, todo, time.perf_counter() - t_start)
+    return written
+
+

@@ -1,0 +1,147 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from metad2a_cli.db import BuildSettings, Database, build, draw_tasks, parse_shard
+from metad2a_cli.errors import UserError
+from metad2a_cli.images import read_image_folder
+from metad2a_cli.proxy import ProxySchedule
+
+TINY = ProxySchedule(channels=2, cells_per_stage=1, input_size=16, epochs=1, batch_size=16)
+
+
+def make_source(root: Path, name: str, classes: int = 5, per_class: int = 8, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    src = root / name
+    for c in range(classes):
+        d = src / f"class_{c}"
+        d.mkdir(parents=True)
+        colour = rng.integers(0, 255, 3)
+        for i in range(per_class):
+            px = np.clip(colour + rng.normal(0, 30, (12, 12, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(px).save(d / f"{i}.png")
+    return src
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sources")
+    return [make_source(root, "alpha", seed=1), make_source(root, "beta", classes=6, seed=2)]
+
+
+def settings(**kw):
+    base = dict(num_tasks=4, min_classes=3, max_classes=5, images_per_class=8, features_per_class=4,
+                cells_per_task=2, seed=0, schedule=TINY)
+    base.update(kw)
+    return BuildSettings(**base)
+
+
+def test_task_drawing_is_seeded(sources):
+    folders = {s.name: read_image_folder(s) for s in sources}
+    a = draw_tasks(folders, settings(num_tasks=20))
+    b = draw_tasks(folders, settings(num_tasks=20))
+    c = draw_tasks(folders, settings(num_tasks=20, seed=1))
+    assert a == b and a != c
+    for t in a:
+        assert 3 <= len(t.classes) <= 5 and len(t.cells) == 2 and len(set(t.cells)) == 2
+        for tr, va in zip(t.train, t.val):
+            assert len(tr) + len(va) == 8 and not set(tr) & set(va)
+    assert {t.source for t in a} == {"alpha", "beta"}
+
+
+def test_build_end_to_end_and_resume(sources, tmp_path):
+    db_path = tmp_path / "db"
+    written = build(db_path, sources, settings(), device="cpu")
+    assert written == 8
+    db = Database(db_path)
+    records = db.records()
+    assert len(records) == 8 and all(0 <= r.accuracy <= 100 for r in records)
+    info = db.info()
+    assert info["tasks"] == 4 and info["tasks_complete"] == 4 and info["records"] == 8
+    manifest = db.manifest
+    assert manifest["encoder"]["identity"].startswith("efficientnet_lite0")
+    assert set(manifest["sources"]) == {"alpha", "beta"} and len(manifest["sources"]["alpha"]["hash"]) == 64
+    used = {t.source for t in db.tasks()}
+    for name in used:
+        feats = db.features(name)
+        assert all(f.shape == (4, 1280) for f in feats.values())
+    # Running again resumes: nothing left to do, nothing duplicated.
+    assert build(db_path, sources, settings(), device="cpu") == 0
+    assert len(db.records()) == 8
+    # Other settings on the same folder are refused.
+    with pytest.raises(UserError, match="other settings"):
+        build(db_path, sources, settings(cells_per_task=3), device="cpu")
+
+
+def test_shards_lock_and_merge(sources, tmp_path):
+    db_path = tmp_path / "db"
+    build(db_path, sources, settings(), shard=(0, 2), device="cpu")
+    db = Database(db_path)
+    with db.shard_writer((1, 2)):
+        with pytest.raises(UserError, match="another builder is writing shard 1/2"):
+            build(db_path, sources, settings(), shard=(1, 2), device="cpu")
+    with pytest.raises(UserError, match="another split"):
+        build(db_path, sources, settings(), shard=(0, 3), device="cpu")
+    build(db_path, sources, settings(), shard=(1, 2), device="cpu")
+    assert len(db.records()) == 8
+    assert db.merge() == 8
+    assert [f.name for f in db.record_files()] == ["records.jsonl"]
+    assert len(db.records()) == 8
+
+
+def test_torn_line_is_ignored(sources, tmp_path):
+    db_path = tmp_path / "db"
+    build(db_path, sources, settings(num_tasks=1), device="cpu")
+    f = db_path / "records-0of1.jsonl"
+    lines = f.read_text().splitlines()
+    f.write_text(lines[0] + "\n" + lines[1][:15])  # the builder died mid-write
+    db = Database(db_path)
+    assert len(db.records()) == 1
+    assert build(db_path, sources, settings(num_tasks=1), device="cpu") == 1
+    assert len(db.records()) == 2
+
+
+def test_parse_shard():
+    assert parse_shard("1/4") == (1, 4)
+    for bad in ("4/4", "x", "1/0", "-1/2"):
+        with pytest.raises(UserError):
+            parse_shard(bad)
+
+
+def test_killed_builder_resumes_without_duplicates(sources, tmp_path):
+    db_path = tmp_path / "db"
+    args = [sys.executable, "-m", "metad2a_cli", "db", "build", str(db_path), "--tasks", "6",
+            "--cells-per-task", "3", "--min-classes", "3", "--max-classes", "5", "--images-per-class", "8",
+            "--features-per-class", "4", "--proxy-channels", "2", "--proxy-epochs", "2", "--device", "cpu"]
+    for s in sources:
+        args += ["-s", str(s)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = db_path / "records-0of1.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not records.exists() or records.read_text().count("\n") < 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = len(Database(db_path).records())
+    assert 2 <= before < 18, "the kill must land mid-build"
+    done = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    recs = Database(db_path).records()
+    assert len(recs) == 18
+    lines, torn = [], 0
+    for line in records.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            torn += 1  # the one line the kill may have cut
+    assert torn <= 1
+    assert len({(r["task"], r["cell"]) for r in lines}) == len(lines) == 18
