@@ -7,9 +7,12 @@ without repeating the search. ``search`` writes them; this module reads them.
 from __future__ import annotations
 
 import json
+import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import atomic_paths
 from .errors import UserError
 from .paths import runs_dir
 from .space import Cell
@@ -72,3 +75,19 @@ def load_run(run: str, root: Path | None = None) -> SavedRun:
         )
     except (ValueError, KeyError, TypeError) as err:
         raise UserError(f"saved run {path} is damaged ({err}); run the search again") from err
+
+
+def save_run(document: dict, root: Path | None = None) -> tuple[str, Path]:
+    """Write a search run as ``<id>.json`` and point ``last`` at it; returns (id, path).
+
+    ``document`` must hold ``dataset.num_classes`` and ``ranking`` (rank, cell, ...), which
+    is what ``load_run`` reads back.
+    """
+    root = runs_dir() if root is None else root
+    root.mkdir(parents=True, exist_ok=True)
+    run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+    path = root / f"{run_id}.json"
+    with atomic_paths(path, root / LAST) as (tmp, tmp_last):
+        tmp.write_text(json.dumps({"id": run_id, **document}, indent=2) + "\n")
+        tmp_last.write_text(run_id + "\n")
+    return run_id, path

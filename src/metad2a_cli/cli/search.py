@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from .common import console, err_console, print_json
+
+
+def search(
+    root: Path = typer.Argument(..., help="ROOT/<class>/<images>, or a .csv/.json list of (path, label)."),
+    top_k: int = typer.Option(5, "--top-k", "-k", help="How many ranked cells to show."),
+    num_candidates: int = typer.Option(500, "--num-candidates", help="Unique valid cells to generate and rank."),
+    exhaustive: bool = typer.Option(False, "--exhaustive", help="Score all 15,625 cells instead of sampling."),
+    num_samples: int = typer.Option(20, "--num-samples", "-n", help="Images per class fed to the set encoder."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the image sample and the generator."),
+    device: str = typer.Option("auto", "--device", help="Where images are encoded: auto, cpu or cuda."),
+    weights: str = typer.Option(None, "--weights", help="A checkpoint folder or hf://ORG/REPO[@REV] (default: the published weights)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the feature cache."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Find NAS-Bench-201 cells for an image dataset, with no search training on it.
+
+    Encodes a sample of each class, generates candidate cells from the dataset's
+    embedding, ranks them with the meta-performance predictor, prints the best and saves
+    the run (`metad2a export --run last` uses it).
+
+    Example: metad2a search ./my_images --top-k 5
+    """
+    from ..features import encode_folder
+    from ..images import summarize
+    from ..runs import save_run
+    from ..search import SearchModel
+    from ..weights import check_encoder, resolve_weights
+
+    t0 = time.perf_counter()
+    ckpt = resolve_weights(weights, log=lambda line: err_console.print(line, highlight=False))
+    resolution = int(ckpt.config["encoder"]["resolution"])
+    model = SearchModel.load(ckpt.path, ckpt.config)
+    feats = encode_folder(root, num_samples, seed, device, cache=not no_cache, resolution=resolution)
+    check_encoder(ckpt.config, feats.encoder, resolution=resolution)
+    t_encode = time.perf_counter() - t0
+    result = model.search([f.numpy() for f in feats.features], top_k, num_candidates, exhaustive, seed)
+    result.timings = {"encode": t_encode, **result.timings}
+    document = {
+        **result.to_dict(),
+        "dataset": {
+            "root": str(Path(root).resolve()),
+            "num_classes": feats.num_classes,
+            "classes": feats.classes,
+            "num_samples": num_samples,
+            "files": feats.files,
+            "in_channels": 3,
+        },
+        "weights": {"source": ckpt.source, "path": str(ckpt.path), "name": ckpt.config.get("name"), "sha256": model.identity},
+        "seed": seed,
+    }
+    run_id, _ = save_run(document)
+    document = {"id": run_id, **document}
+    if as_json:
+        print_json(document)
+        return
+
+    from rich.table import Table
+
+    skipped = summarize(feats.skipped)
+    if skipped:
+        err_console.print(skipped, highlight=False)
+    table = Table(title=f"{feats.num_classes} classes, {result.candidates} candidates ({result.mode})")
+    for col in ("rank", "cell", "NB201", "pred. acc.", "params (M)", "MFLOPs"):
+        table.add_column(col, justify="left" if col == "cell" else "right")
+    for r in result.ranking:
+        table.add_row(str(r.rank), r.cell, str(r.nb201_index), f"{r.predicted_accuracy:.2f}",
+                      f"{r.params / 1e6:.3f}", f"{r.flops / 1e6:.1f}")
+    console.print(table)
+    t = result.timings
+    console.print(
+        f"encode {t['encode']:.2f}s · generate {t['generate']:.2f}s · rank {t['rank']:.2f}s · saved run {run_id}",
+        highlight=False,
+    )

@@ -1,0 +1,94 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from metad2a_cli import encoder
+from metad2a_cli.checkpoint import load_models, save_models
+from metad2a_cli.cli import run
+from metad2a_cli.models import CellGenerator, MetaPredictor
+from metad2a_cli.runs import load_run
+from metad2a_cli.sizes import ModelSizes
+from metad2a_cli.space import Cell
+from metad2a_cli.weights import load_checkpoint_config
+
+SIZES = ModelSizes(feature_dim=1280, hidden=16, latent=12, heads=4)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("ckpt")
+    save_models(
+        folder, CellGenerator(SIZES), MetaPredictor(SIZES),
+        encoder={"identity": encoder.identity(64), "resolution": 64, "feature_dim": 1280},
+        name="test-random", target={"mean": 60.0, "std": 10.0},
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / f"c{c}").mkdir()
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+def test_checkpoint_round_trip(checkpoint):
+    from metad2a_cli.weights import Checkpoint
+
+    config = load_checkpoint_config(checkpoint)
+    gen, pred = load_models(Checkpoint(checkpoint, config, "local"))
+    torch.manual_seed(0)
+    ref = CellGenerator(SIZES)
+    assert all(torch.equal(a, b) for a, b in zip(gen.state_dict().values(), ref.state_dict().values()))
+
+
+def test_search_table_saves_run(checkpoint, images, capsys):
+    assert run(["search", str(images), "--weights", str(checkpoint), "--num-candidates", "50", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "3 classes, 50 candidates" in out and "encode" in out and "saved run" in out
+    saved = load_run("last")
+    assert saved.num_classes == 3 and len(saved.ranking) == 5
+    assert saved.ranking[0].cell.index >= 0
+
+
+def test_search_json_is_repeatable(checkpoint, images, capsys):
+    args = ["search", str(images), "--weights", str(checkpoint), "--num-candidates", "40", "--json",
+            "--top-k", "7", "--seed", "3", "--device", "cpu"]
+    assert run(args) == 0
+    a = json.loads(capsys.readouterr().out)
+    assert run(args) == 0
+    b = json.loads(capsys.readouterr().out)
+    assert [r["cell"] for r in a["ranking"]] == [r["cell"] for r in b["ranking"]]
+    assert a["id"] != b["id"] and len(a["ranking"]) == 7 and a["candidates"] == 40
+    assert set(a["timings"]) == {"encode", "generate", "rank"}
+    first = a["ranking"][0]
+    assert Cell.parse(first["cell"]).index == first["nb201_index"]
+    assert a["weights"]["name"] == "test-random"
+
+
+def test_search_refuses_another_encoder(tmp_path, images, capsys):
+    torch.manual_seed(0)
+    save_models(tmp_path / "w", CellGenerator(SIZES), MetaPredictor(SIZES),
+                encoder={"identity": "some-other-encoder-64px", "resolution": 64, "feature_dim": 1280}, name="x")
+    assert run(["search", str(images), "--weights", str(tmp_path / "w"), "--device", "cpu"]) == 2
+    assert "these weights expect encoder some-other-encoder" in capsys.readouterr().err
+
+
+def test_search_without_weights_says_how_to_get_them(images, capsys, monkeypatch, tmp_path):
+    from metad2a_cli import weights
+
+    monkeypatch.setattr(weights, "packaged_weights_dir", lambda: tmp_path / "none")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert run(["search", str(images), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--weights" in err
