@@ -23,7 +23,7 @@ def build(
     images_per_class: int = typer.Option(40, "--images-per-class", help="Train + validation images per class."),
     features_per_class: int = typer.Option(30, "--features-per-class", help="Encoder features stored per class."),
     proxy_channels: int = typer.Option(8, "--proxy-channels", help="Proxy network width C."),
-    proxy_epochs: int = typer.Option(4, "--proxy-epochs", help="Proxy training epochs."),
+    proxy_epochs: int = typer.Option(6, "--proxy-epochs", help="Proxy training epochs."),
     proxy_size: int = typer.Option(16, "--proxy-size", help="Proxy input resolution."),
     seed: int = typer.Option(0, "--seed", help="Seeds the tasks, the cells and the training."),
     shard: str = typer.Option("0/1", "--shard", help="i/n: this builder trains every n-th task from the i-th."),

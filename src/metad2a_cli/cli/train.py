@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .common import console, err_console, print_json
+
+
+def train(
+    db: str = typer.Option("nb201", "--db", help="Database folder, or the name of a shipped one (nb201)."),
+    out: Path = typer.Option(Path("metad2a-weights"), "--out", "-o", help="Checkpoint folder to write."),
+    epochs: int = typer.Option(60, "--epochs", help="Passes over the training tasks."),
+    tasks_per_step: int = typer.Option(8, "--tasks-per-step", help="Tasks per optimisation step."),
+    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate for both networks."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the split, the initialisation and the episodes."),
+    device: str = typer.Option("cpu", "--device", help="cpu (the networks are small; CPU is the tested path)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the final metrics as JSON."),
+) -> None:
+    """Meta-train the cell generator and the meta-predictor on a database.
+
+    Holds out tasks for validation, keeps each network's best epoch, writes a checkpoint
+    folder every epoch (use it with `metad2a search --weights DIR`) and can --resume.
+
+    Example: metad2a train --db nb201 --out my-weights --epochs 40
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ..errors import UserError
+    from ..train import TrainSettings, meta_train, resolve_database
+
+    if device != "cpu":
+        raise UserError("meta-training runs on the CPU in this version; use --device cpu")
+    settings = TrainSettings(epochs=epochs, tasks_per_step=tasks_per_step, lr=lr, seed=seed)
+    db_path = resolve_database(db)
+    with Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                  TimeRemainingColumn(), console=err_console) as bar:
+        job = bar.add_task("train", total=None, epoch=0, info="")
+
+        def on_step(step: int, steps: int, losses: dict) -> None:
+            bar.update(job, completed=step, total=steps,
+                       info=f"pred {losses['pred_loss']:.3f} · recon {losses['recon']:.3f} · kl {losses['kl']:.2f}")
+
+        def on_epoch(epoch: int, m: dict) -> None:
+            bar.update(job, epoch=epoch + 1)
+            err_console.print(
+                f"epoch {epoch}: val spearman within {m['spearman_within_task']:.3f} pooled {m['spearman_pooled']:.3f}"
+                f" · gen recon {m['gen_recon']:.3f} hit {m['gen_best_cell_hit_rate']:.2f}"
+                f" unique {m['gen_uniqueness']:.2f} · {m['seconds']:.1f}s",
+                highlight=False,
+            )
+
+        ckpt, trainer = meta_train(db_path, out, settings, resume=resume, on_step=on_step, on_epoch=on_epoch)
+    metrics = ckpt.config["metrics"]
+    if as_json:
+        print_json({"checkpoint": str(out), **metrics})
+        return
+    console.print(f"wrote {out} ({metrics['epochs']} epochs, {metrics['train_seconds'] / 60:.1f} min)", highlight=False)
+    for k, v in metrics["best_val"].items():
+        console.print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}", highlight=False)

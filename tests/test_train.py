@@ -1,0 +1,102 @@
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from metad2a_cli import encoder
+from metad2a_cli.cli import run
+from metad2a_cli.db import FORMAT_VERSION, BuildSettings, Database, Record, Task
+from metad2a_cli.errors import UserError
+from metad2a_cli.search import SearchModel
+from metad2a_cli.sizes import ModelSizes
+from metad2a_cli.space import Cell
+from metad2a_cli.train import TrainSettings, meta_train
+from metad2a_cli.weights import load_checkpoint_config
+
+SIZES = ModelSizes(feature_dim=1280, hidden=16, latent=12, heads=4)
+GOOD = Cell.parse("|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_3x3~2|")
+
+
+def make_db(path: Path, identity: str | None = None, tasks: int = 12, seed: int = 0) -> Path:
+    """A small database written directly: synthetic features, accuracies that follow a rule
+    (more 3x3 convolutions, better), so training has something to learn."""
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True)
+    (path / "features").mkdir()
+    classes = [f"c{i}" for i in range(8)]
+    centres = rng.standard_normal((8, 1280)).astype(np.float32)
+    save_file({f"class.{i}": (centres[i] + 0.3 * rng.standard_normal((10, 1280))).astype(np.float16) for i in range(8)},
+              str(path / "features" / "src.safetensors"), metadata={"classes": json.dumps(classes), "encoder": "x"})
+    all_tasks, lines = [], []
+    for t in range(tasks):
+        chosen = sorted(rng.choice(8, rng.integers(3, 6), replace=False).tolist())
+        cells = [GOOD] + [Cell(tuple(int(o) for o in rng.integers(0, 5, 6))) for _ in range(7)]
+        all_tasks.append(Task(f"t{t:05d}", "src", [classes[i] for i in chosen], [], [], [str(c) for c in cells]))
+        for c in cells:
+            acc = 30 + 10 * sum(op == 3 for op in c.ops) + rng.normal(0, 2)
+            lines.append(json.dumps(asdict(Record(f"t{t:05d}", str(c), float(acc), 1.0))))
+    (path / "tasks.json").write_text(json.dumps([asdict(t) for t in all_tasks]))
+    (path / "records-0of1.jsonl").write_text("\n".join(lines) + "\n")
+    manifest = {"format_version": FORMAT_VERSION,
+                "encoder": {"identity": identity or encoder.identity(64), "resolution": 64, "feature_dim": 1280},
+                "settings": BuildSettings(num_tasks=tasks).to_dict(), "sources": {"src": {"hash": "0" * 64}}}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def test_training_learns_writes_and_loads(tmp_path):
+    db = make_db(tmp_path / "db")
+    settings = TrainSettings(epochs=8, tasks_per_step=4, val_fraction=0.25, num_candidates=100, lr=3e-3)
+    ckpt, trainer = meta_train(db, tmp_path / "w", settings, sizes=SIZES)
+    h = trainer.history
+    assert h[-1]["pred_loss"] < h[0]["pred_loss"]
+    assert h[-1]["recon"] < h[0]["recon"]
+    best = ckpt.config["metrics"]["best_val"]
+    assert best["spearman_within_task"] > 0.5  # held-out tasks: rank follows the rule
+    assert best["gen_validity"] == 1.0
+    config = load_checkpoint_config(tmp_path / "w")
+    model = SearchModel.load(tmp_path / "w", config)
+    feats = [np.random.default_rng(i).standard_normal((6, 1280)).astype(np.float32) for i in range(3)]
+    result = model.search(feats, top_k=3, exhaustive=True)
+    # the predictor should put convolution-heavy cells on top
+    assert sum(op == 3 for op in Cell.parse(result.ranking[0].cell).ops) >= 4
+
+
+def test_resume_continues_exactly(tmp_path):
+    db = make_db(tmp_path / "db")
+    s4 = TrainSettings(epochs=4, tasks_per_step=4, val_fraction=0.25, num_candidates=50)
+    _, straight = meta_train(db, tmp_path / "a", s4, sizes=SIZES)
+    s2 = TrainSettings(epochs=2, tasks_per_step=4, val_fraction=0.25, num_candidates=50)
+    meta_train(db, tmp_path / "b", s2, sizes=SIZES)
+    # the interrupted run is continued with the full epoch count
+    state = json.loads((tmp_path / "b/.train/train_state.json").read_text())
+    state["settings"]["epochs"] = 4
+    (tmp_path / "b/.train/train_state.json").write_text(json.dumps(state))
+    _, resumed = meta_train(db, tmp_path / "b", s4, sizes=SIZES, resume=True)
+    a = (tmp_path / "a/model.safetensors").read_bytes()
+    b = (tmp_path / "b/model.safetensors").read_bytes()
+    assert a == b
+    assert [h["pred_loss"] for h in straight.history] == [h["pred_loss"] for h in resumed.history]
+
+
+def test_same_seed_same_weights(tmp_path):
+    db = make_db(tmp_path / "db")
+    s = TrainSettings(epochs=2, tasks_per_step=4, num_candidates=20)
+    meta_train(db, tmp_path / "a", s, sizes=SIZES)
+    meta_train(db, tmp_path / "b", s, sizes=SIZES)
+    assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()
+
+
+def test_refusals(tmp_path, capsys):
+    db = make_db(tmp_path / "db", identity="resnet18-imagenet-64px")
+    with pytest.raises(UserError, match="built with encoder resnet18"):
+        meta_train(db, tmp_path / "w", TrainSettings(epochs=1), sizes=SIZES)
+    good = make_db(tmp_path / "good")
+    meta_train(good, tmp_path / "w2", TrainSettings(epochs=1, num_candidates=10), sizes=SIZES)
+    with pytest.raises(UserError, match="--resume"):
+        meta_train(good, tmp_path / "w2", TrainSettings(epochs=1, num_candidates=10), sizes=SIZES)
+    assert run(["train", "--db", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert "no database" in capsys.readouterr().err
