@@ -12,7 +12,7 @@ import typer
 
 from .. import __version__
 from ..errors import UserError
-from . import cell, export
+from . import cell, db, encode, export, search, train
 from .common import err_console
 
 app = typer.Typer(
@@ -43,8 +43,12 @@ def _root(
     pass
 
 
+app.command("search")(search.search)
 app.command("cell")(cell.cell)
 app.command("export")(export.export)
+app.command("encode")(encode.encode)
+app.command("train")(train.train)
+app.add_typer(db.app, name="db")
 
 
 def run(argv: list[str] | None = None) -> int:
