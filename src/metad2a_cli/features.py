@@ -275,7 +275,7 @@ def encode_images(
                 stats.cache_hits += 1
             else:
                 try:
-                    image = load_rgb(path, encoder.resolution)
+                    image = load_rgb(path, encoder.decode_size)
                 except BadImage as bad:
                     skipped.append(Skipped(path, bad.reason, bad.detail))
                     if key and bad.reason != EMPTY:
