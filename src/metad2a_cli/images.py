@@ -28,6 +28,9 @@ from .errors import UserError
 # Keeping the list short keeps plugins such as EPS (which runs Ghostscript) off user files.
 IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
 LIST_SUFFIXES = (".csv", ".json")
+# Unambiguous first bytes of accepted formats: a file that starts like an image but does
+# not open is a damaged image, not some other kind of file.
+_MAGICS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\0", b"MM\0*")
 
 # Reasons, short and fixed so a summary can count them.
 HIDDEN = "hidden"
@@ -353,7 +356,10 @@ def load_rgb(path: str | Path, min_size: int | None = None):
         try:
             image = Image.open(fh, formats=IMAGE_FORMATS)
         except UnidentifiedImageError as err:
-            raise BadImage(NOT_IMAGE) from err
+            fh.seek(0)
+            head = fh.read(12)
+            damaged = head.startswith(_MAGICS) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+            raise BadImage(CORRUPT if damaged else NOT_IMAGE) from err
         except Image.DecompressionBombError as err:
             raise BadImage(TOO_LARGE, str(err)) from err
         except Exception as err:  # a header PIL recognised but could not parse
