@@ -29,10 +29,13 @@ from metad2a_cli.space import Cell
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "calibration"
 
 SCHEDULES = {
-    "A": ProxySchedule(channels=8, cells_per_stage=1, input_size=16, epochs=3),
+    "default": ProxySchedule(),  # what `metad2a db build` uses
+    "A": ProxySchedule(channels=8, cells_per_stage=1, input_size=16, epochs=3, batch_size=64),
     "B": ProxySchedule(channels=8, cells_per_stage=1, input_size=32, epochs=3),
     "C": ProxySchedule(channels=16, cells_per_stage=1, input_size=32, epochs=6),
     "D": ProxySchedule(channels=8, cells_per_stage=1, input_size=16, epochs=8),
+    "E": ProxySchedule(channels=8, cells_per_stage=1, input_size=16, epochs=8, batch_size=64),
+    "F": ProxySchedule(channels=8, cells_per_stage=1, input_size=32, epochs=6),
 }
 
 

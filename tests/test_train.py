@@ -54,6 +54,8 @@ def test_training_learns_writes_and_loads(tmp_path):
     h = trainer.history
     assert h[-1]["pred_loss"] < h[0]["pred_loss"]
     assert h[-1]["recon"] < h[0]["recon"]
+    card = (tmp_path / "w" / "README.md").read_text()
+    assert card.startswith("---\nlicense: mit") and "## Limits" in card and "spearman_within_task" in card
     best = ckpt.config["metrics"]["best_val"]
     assert best["spearman_within_task"] > 0.5  # held-out tasks: rank follows the rule
     assert best["gen_validity"] == 1.0

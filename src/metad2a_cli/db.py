@@ -48,7 +48,7 @@ class BuildSettings:
     num_tasks: int = 300
     min_classes: int = 5
     max_classes: int = 20
-    images_per_class: int = 40  # train + validation images per class and task
+    images_per_class: int = 100  # train + validation images per class and task (fewer if the class has fewer)
     val_fraction: float = 0.25
     features_per_class: int = 30  # stored features per class (a search samples 20)
     cells_per_task: int = 10
@@ -354,6 +354,7 @@ def build(
     resolution: int | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     max_tasks: int | None = None,
+    feature_progress: Callable[[str, int, int], None] | None = None,
 ) -> int:
     """Build (or resume) a database; returns the number of records written in this run."""
     from .encoder import DEFAULT_RESOLUTION, ImageEncoder
@@ -386,7 +387,8 @@ def build(
         path = db.path / "features" / f"{name}.safetensors"
         if path.is_file():
             continue
-        feats = encode_images(folders[name], settings.features_per_class, settings.seed, encoder, cache=True)
+        report = (lambda stage, done, total, name=name: feature_progress(f"{stage} {name}", done, total)) if feature_progress else None
+        feats = encode_images(folders[name], settings.features_per_class, settings.seed, encoder, cache=True, progress=report)
         from safetensors.numpy import save_file
 
         tensors = {f"class.{i}": f.numpy().astype(np.float16) for i, f in enumerate(feats.features)}

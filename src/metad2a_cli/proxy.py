@@ -29,8 +29,8 @@ class ProxySchedule:
     channels: int = 8
     cells_per_stage: int = 1
     input_size: int = 16
-    epochs: int = 6
-    batch_size: int = 32
+    epochs: int = 3
+    batch_size: int = 64
     lr: float = 0.1
     weight_decay: float = 5e-4
     augment: bool = True  # random crop (pad 2) and horizontal flip

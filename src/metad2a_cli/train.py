@@ -371,6 +371,9 @@ def meta_train(
         from .weights import Checkpoint, load_checkpoint_config
 
         ckpt = Checkpoint(out, load_checkpoint_config(out), "local")
+    from . import modelcard
+
+    modelcard.write(out, ckpt.config)
     return ckpt, trainer
 
 

@@ -20,10 +20,10 @@ def build(
     cells_per_task: int = typer.Option(10, "--cells-per-task", help="Cells trained per task."),
     min_classes: int = typer.Option(5, "--min-classes", help="Fewest classes in a task."),
     max_classes: int = typer.Option(20, "--max-classes", help="Most classes in a task."),
-    images_per_class: int = typer.Option(40, "--images-per-class", help="Train + validation images per class."),
+    images_per_class: int = typer.Option(100, "--images-per-class", help="Train + validation images per class."),
     features_per_class: int = typer.Option(30, "--features-per-class", help="Encoder features stored per class."),
     proxy_channels: int = typer.Option(8, "--proxy-channels", help="Proxy network width C."),
-    proxy_epochs: int = typer.Option(6, "--proxy-epochs", help="Proxy training epochs."),
+    proxy_epochs: int = typer.Option(3, "--proxy-epochs", help="Proxy training epochs."),
     proxy_size: int = typer.Option(16, "--proxy-size", help="Proxy input resolution."),
     seed: int = typer.Option(0, "--seed", help="Seeds the tasks, the cells and the training."),
     shard: str = typer.Option("0/1", "--shard", help="i/n: this builder trains every n-th task from the i-th."),
@@ -60,11 +60,18 @@ def build(
         TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err_console,
     ) as bar:
         job = bar.add_task("build", total=None, rate="")
+        stages: dict[str, int] = {}
+
+        def features(stage: str, done: int, total: int) -> None:
+            if stage not in stages:
+                stages[stage] = bar.add_task(stage, total=total, rate=stage)
+            bar.update(stages[stage], completed=done, total=total)
 
         def report(done: int, todo: int, seconds: float) -> None:
             bar.update(job, completed=done, total=todo, rate=f"{60 * done / max(seconds, 1e-9):.1f} records/min")
 
-        written = build_db(db, source, settings, parse_shard(shard), device=str(dev), chunk=chunk, progress=report)
+        written = build_db(db, source, settings, parse_shard(shard), device=str(dev), chunk=chunk,
+                           progress=report, feature_progress=features)
     console.print(f"{written} new records in {db}")
 
 
