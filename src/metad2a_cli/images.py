@@ -116,6 +116,9 @@ def _walk(folder: Path, ancestors: frozenset[tuple[int, int]], skipped: list[Ski
         if _is_hidden(entry.name):
             skipped.append(Skipped(path, HIDDEN))
             continue
+        if entry.is_file(follow_symlinks=False):  # the common case, known without a stat
+            yield path
+            continue
         try:
             st = entry.stat()  # follows symlinks
         except OSError as err:
