@@ -78,6 +78,8 @@ def timed_cli(folder: Path, per_class: int, env: dict, out: Path) -> float:
 
 
 def speed(args) -> None:
+    import torch
+
     from metad2a_cli.encoder import ImageEncoder
     from metad2a_cli.images import load_rgb, read_image_folder, sample_per_class
 
@@ -121,7 +123,7 @@ def speed(args) -> None:
             encode_s.append(time.perf_counter() - t)
         d, e = min(decode_s), min(encode_s)
         print(f"stages (best of 3): decode+resize {len(paths) / d:.0f} img/s, "
-              f"encode at {encoder.resolution} px {len(paths) / e:.0f} img/s")
+              f"encode at {encoder.resolution} px {len(paths) / e:.0f} img/s ({torch.get_num_threads()} threads)")
 
 
 # -- throughput per resolution ---------------------------------------------------------------
@@ -164,7 +166,7 @@ def loo_scores(feats: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     sums = np.stack([z[labels == c].sum(0) for c in classes])
     counts = np.array([(labels == c).sum() for c in classes])
     correct = 0
-    for i, (x, y) in enumerate(zip(z, labels)):
+    for x, y in zip(z, labels):
         cents = sums.copy()
         k = np.searchsorted(classes, y)
         cents[k] = (cents[k] - x) / max(counts[k] - 1, 1)  # the held-out image leaves its centroid

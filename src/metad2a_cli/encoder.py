@@ -262,7 +262,8 @@ class ImageEncoder:
 
     Cheap to create: the network is built and its weights read on first use, so a run whose
     features are all cached never pays for it. On a GPU it runs in half precision (the
-    features come back as float32 either way); on the CPU it uses every usable core.
+    features come back as float32 either way); on the CPU it uses every usable core
+    unless ``OMP_NUM_THREADS`` is set.
     """
 
     def __init__(
@@ -292,7 +293,8 @@ class ImageEncoder:
     @cached_property
     def model(self) -> EfficientNetLite0:
         if self.device.type == "cpu":
-            torch.set_num_threads(_usable_cpus())
+            if "OMP_NUM_THREADS" not in os.environ:  # an explicit thread count wins
+                torch.set_num_threads(_usable_cpus())
             return _shared_cpu_model()
         model = copy.deepcopy(_shared_cpu_model()).to(self.device)
         return model.half() if self.half else model
