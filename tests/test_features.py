@@ -232,7 +232,8 @@ def test_encode_folder_reads_lists_too(tmp_path, cache_root):
     assert out.files[0][0].startswith("set/a/") and root.is_dir()
 
 
-def test_cli_encode_writes_features_and_reports_skips(tmp_path, cache_root, capsys):
+def test_cli_encode_writes_features_and_reports_skips(tmp_path, cache_root, capsys, monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # restored after the test
     root = make_set(tmp_path / "set", {"a": 2, "b": 1})
     (root / "a" / "cut.png").write_bytes((root / "a" / "00.png").read_bytes()[:50])
     out = tmp_path / "f.safetensors"
@@ -242,6 +243,7 @@ def test_cli_encode_writes_features_and_reports_skips(tmp_path, cache_root, caps
     assert "cut.png" in captured.err  # --verbose names it
     assert "'b' has 1" in captured.err  # a short class says so
     assert DatasetFeatures.load(out).counts == [2, 1]
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # for the torch it would have loaded
 
     assert run(["encode", str(root), "-o", str(out), "-n", "3", "--device", "cpu", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -249,7 +251,8 @@ def test_cli_encode_writes_features_and_reports_skips(tmp_path, cache_root, caps
     assert info["skipped"] == [{"path": str(root / "a" / "cut.png"), "reason": "truncated or corrupt"}]
 
 
-def test_cli_errors_are_one_line_and_exit_2(tmp_path, cache_root, capsys):
+def test_cli_errors_are_one_line_and_exit_2(tmp_path, cache_root, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the command must not override a choice
     (tmp_path / "one" / "only").mkdir(parents=True)
     noise_image(tmp_path / "one" / "only" / "a.png", 0)
     assert run(["encode", str(tmp_path / "one"), "-o", str(tmp_path / "f.safetensors")]) == 2
@@ -257,3 +260,4 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, cache_root, capsys):
     assert err.startswith("error:") and "only one class" in err and "Traceback" not in err
     assert run(["encode", str(tmp_path / "missing"), "-o", str(tmp_path / "f.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
