@@ -19,9 +19,10 @@ def encode(
 ) -> None:
     """Embed a labeled image folder: per-class EfficientNet-Lite0 features, as safetensors.
 
-    Samples --num-samples images per class (reproducibly, with --seed), skips files that
-    are not usable images (one summary line; --verbose lists them) and caches each image's
-    feature, so a second run over the same folder is near-instant.
+    Samples --num-samples images per class (reproducibly, with --seed),
+    skips files that are not usable images (one summary line; --verbose
+    lists them) and caches each image's feature, so a second run over the
+    same folder is near-instant.
 
     Example: metad2a encode photos/ -o photos.safetensors --num-samples 20
     """
