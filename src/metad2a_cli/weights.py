@@ -374,6 +374,10 @@ def fetch_from_hub(ref: HubRef, settings: HubSettings) -> Checkpoint:
     that same commit, so a push between the two cannot mix checkpoints. Each file is
     checked against config.json's sha256, and one that fails is removed from the cache.
     """
+    from huggingface_hub import constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; this call's environment decides.
+    constants.HF_HUB_OFFLINE = settings.offline
     revision = ref.revision or "main"
     reason = _offline_reason(ref, settings)
     config_path = _hub_file(ref, CONFIG_NAME, revision, settings, offline_reason=reason)
