@@ -303,8 +303,10 @@ def conventions(args) -> None:
             x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
             size = rng.choice([192, 224, 256])
             crops.append((ids, img.crop((x0, y0, x0 + cw, y0 + ch)).resize((size, size), Image.Resampling.BILINEAR)))
-    model = enc.load_pretrained()
-    same_forward = enc.ConvAct.forward
+    from metad2a_cli import efficientnet
+
+    model = efficientnet.load_pretrained()
+    same_forward = efficientnet.ConvAct.forward
 
     def symmetric_forward(self, x):  # what a PyTorch-style port would do: pad (k-1)//2 each side
         x = F.conv2d(x, self.conv.weight, self.conv.bias, self.stride, (self.kernel - 1) // 2, 1, self.conv.groups)
@@ -315,7 +317,7 @@ def conventions(args) -> None:
                 / torch.tensor([0.229, 0.224, 0.225])[:, None, None]}
     print(f"# conventions: mean log-probability of the true class group over {len(crops)} crops")
     for pad, forward in (("SAME", same_forward), ("symmetric", symmetric_forward)):
-        enc.ConvAct.forward = forward
+        efficientnet.ConvAct.forward = forward
         try:
             for sname, scale in scalings.items():
                 logp = []
@@ -326,7 +328,7 @@ def conventions(args) -> None:
                     logp.append(float(p[ids].sum().log()))
                 print(f"padding {pad:9s} scaling {sname:17s}: {np.mean(logp):.3f}")
         finally:
-            enc.ConvAct.forward = same_forward
+            efficientnet.ConvAct.forward = same_forward
 
 
 def main() -> None:

@@ -67,7 +67,7 @@ def evaluate(name: str, model: SearchModel, settings: BuildSettings, resolution:
     # The dataset as a search sees it: 20 images per class of the task's classes.
     feats = encode_folder(root, 20, seed, "cpu", cache=True, resolution=resolution)
     index = {c: i for i, c in enumerate(feats.classes)}
-    features = [feats.features[index[c]].numpy() for c in task.classes]
+    features = [feats.features[index[c]] for c in task.classes]
 
     result = model.search(features, top_k=20, num_candidates=500, seed=seed)
     top = [Cell.parse(r.cell) for r in result.ranking]

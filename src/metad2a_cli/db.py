@@ -391,7 +391,7 @@ def build(
         feats = encode_images(folders[name], settings.features_per_class, settings.seed, encoder, cache=True, progress=report)
         from safetensors.numpy import save_file
 
-        tensors = {f"class.{i}": f.numpy().astype(np.float16) for i, f in enumerate(feats.features)}
+        tensors = {f"class.{i}": f.astype(np.float16) for i, f in enumerate(feats.features)}
         with atomic_paths(path) as (tmp,):
             save_file(tensors, str(tmp), metadata={"classes": json.dumps(feats.classes), "encoder": feats.encoder})
 

@@ -4,7 +4,7 @@
 
     feats = encode_folder("my_images", num_samples=20, seed=0)
     feats.classes       # ['cat', 'dog', ...]
-    feats.features[0]   # (n_0, 1280) float32 tensor for 'cat'
+    feats.features[0]   # (n_0, 1280) float32 array for 'cat'
     feats.encoder       # identity of the encoder, recorded wherever features are used
 
 The cache keeps one small file per (image file, encoder): keyed by the file's absolute
@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .atomic import atomic_paths, check_writable
 from .encoder import DEFAULT_RESOLUTION, FEATURE_DIM, ImageEncoder
@@ -137,13 +136,13 @@ class EncodeStats:
 class DatasetFeatures:
     """Per-class features of a labeled image set.
 
-    ``features[i]`` is a float32 tensor (n_i, 1280) for ``classes[i]``; n_i is the number
+    ``features[i]`` is a float32 array (n_i, 1280) for ``classes[i]``; n_i is the number
     of samples asked for, or fewer when the class has fewer readable images
     (``short_classes``). ``files[i]`` names the images used, relative to ``root``.
     """
 
     classes: list[str]
-    features: list[torch.Tensor]
+    features: list[np.ndarray]
     encoder: str
     files: list[list[str]]
     num_samples: int
@@ -168,11 +167,11 @@ class DatasetFeatures:
 
     def save(self, path: str | Path) -> Path:
         """Write one safetensors file: tensor ``class.<i>`` per class, the rest as metadata."""
-        from safetensors.torch import save_file
+        from safetensors.numpy import save_file
 
         path = Path(path)
         check_writable(path)
-        tensors = {f"class.{i}": f.contiguous() for i, f in enumerate(self.features)}
+        tensors = {f"class.{i}": np.ascontiguousarray(f, dtype=np.float32) for i, f in enumerate(self.features)}
         meta = {
             "format": FILE_FORMAT,
             "classes": json.dumps(self.classes),
@@ -194,7 +193,7 @@ class DatasetFeatures:
         if not path.is_file():
             raise UserError(f"{path} does not exist")
         try:
-            with safe_open(str(path), framework="pt") as fh:
+            with safe_open(str(path), framework="np") as fh:
                 meta = fh.metadata() or {}
                 if meta.get("format") != FILE_FORMAT:
                     raise UserError(f"{path} is not a metad2a features file (made by `metad2a encode`)")
@@ -291,7 +290,7 @@ def encode_images(
     report("decode", done, done)  # bad files made the plan too long
 
     encoded = _encode_pending(encoder, pending, report)
-    for key, feature in zip(pending_keys, encoded.numpy()):
+    for key, feature in zip(pending_keys, encoded):
         if key:
             store.put(key, feature)
 
@@ -300,9 +299,9 @@ def encode_images(
         if not picks:
             dropped.append(name)
             continue
-        rows = [encoded[ref] if isinstance(ref, int) else torch.from_numpy(ref.copy()) for _, ref in picks]
+        rows = [encoded[ref] if isinstance(ref, int) else ref for _, ref in picks]
         classes.append(name)
-        features.append(torch.stack(rows))  # (n_i, 1280)
+        features.append(np.stack(rows).astype(np.float32))  # (n_i, 1280)
         files.append([Path(os.path.relpath(p, folder.root)).as_posix() for p, _ in picks])
     if len(classes) < 2:
         what = "no readable images" if not classes else f"readable images in one class only ({classes[0]!r})"
@@ -323,16 +322,19 @@ def encode_images(
     )
 
 
-def _encode_pending(encoder: ImageEncoder, pending: Sequence[np.ndarray], report: Progress) -> torch.Tensor:
+def _encode_pending(encoder: ImageEncoder, pending: Sequence[np.ndarray], report: Progress) -> np.ndarray:
+    # Only here is torch needed: a run whose images are all cached never imports it.
     if not pending:
-        return torch.empty(0, FEATURE_DIM)
+        return np.empty((0, FEATURE_DIM), dtype=np.float32)
+    import torch
+
     batch = torch.from_numpy(np.stack(pending))  # (N, R, R, 3) uint8
     out = []
     report("encode", 0, len(batch))
     for chunk in batch.split(encoder.batch_size):
-        out.append(encoder.encode(chunk))
+        out.append(encoder.encode(chunk).numpy())
         report("encode", sum(len(o) for o in out), len(batch))
-    return torch.cat(out)
+    return np.concatenate(out)
 
 
 def encode_folder(

@@ -6,6 +6,7 @@ so ``metad2a --help`` answers without loading torch.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -65,4 +66,8 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main() -> None:
+    # Set before torch loads OpenMP: idle worker threads then sleep instead of spinning.
+    # On a 2-core machine busy with other work, spinning made encoding 4x slower
+    # (docs/encoder.md). An explicit setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sys.exit(run())

@@ -26,13 +26,7 @@ def encode(
 
     Example: metad2a encode photos/ -o photos.safetensors --num-samples 20
     """
-    import os
     import warnings
-
-    # Set before torch loads OpenMP: idle worker threads then sleep instead of spinning.
-    # On a 2-core machine busy with other work, spinning made encoding 4x slower
-    # (docs/encoder.md). An explicit setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     from PIL import Image
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -41,7 +41,7 @@ def search(
     feats = encode_folder(root, num_samples, seed, device, cache=not no_cache, resolution=resolution)
     check_encoder(ckpt.config, feats.encoder, resolution=resolution)
     t_encode = time.perf_counter() - t0
-    result = model.search([f.numpy() for f in feats.features], top_k, num_candidates, exhaustive, seed)
+    result = model.search(feats.features, top_k, num_candidates, exhaustive, seed)
     result.timings = {"encode": t_encode, **result.timings}
     document = {
         **result.to_dict(),
