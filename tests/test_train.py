@@ -102,3 +102,13 @@ def test_refusals(tmp_path, capsys):
         meta_train(good, tmp_path / "w2", TrainSettings(epochs=1, num_candidates=10), sizes=SIZES)
     assert run(["train", "--db", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "no database" in capsys.readouterr().err
+
+
+def test_database_found_by_name_from_a_clone(tmp_path, monkeypatch):
+    from metad2a_cli.train import resolve_database
+
+    make_db(tmp_path / "databases" / "tiny")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_database("tiny") == tmp_path / "databases" / "tiny"
+    with pytest.raises(UserError, match="no database 'other'"):
+        resolve_database("other")

@@ -301,7 +301,9 @@ def resolve_database(name_or_path: str) -> Path:
     if (path / "manifest.json").is_file():
         return path
     if "/" not in name_or_path:
-        for root in (Path(__file__).resolve().parents[2] / "databases", cache_dir() / "databases"):
+        # A clone's databases/ (from its root, or beside an editable install), then the cache.
+        roots = (Path.cwd() / "databases", Path(__file__).resolve().parents[2] / "databases", cache_dir() / "databases")
+        for root in roots:
             if (root / name_or_path / "manifest.json").is_file():
                 return root / name_or_path
     raise UserError(f"no database {name_or_path!r}: give a folder made by `metad2a db build` or a known name (nb201)")

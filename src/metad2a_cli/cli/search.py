@@ -69,7 +69,8 @@ def search(
         err_console.print(skipped, highlight=False)
     table = Table(title=f"{feats.num_classes} classes, {result.candidates} candidates ({result.mode})")
     for col in ("rank", "cell", "NB201", "pred. acc.", "params (M)", "MFLOPs"):
-        table.add_column(col, justify="left" if col == "cell" else "right")
+        # The cell string is the answer: wrap it rather than cut it on narrow terminals.
+        table.add_column(col, justify="left" if col == "cell" else "right", overflow="fold")
     for r in result.ranking:
         table.add_row(str(r.rank), r.cell, str(r.nb201_index), f"{r.predicted_accuracy:.2f}",
                       f"{r.params / 1e6:.3f}", f"{r.flops / 1e6:.1f}")
