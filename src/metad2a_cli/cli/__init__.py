@@ -54,6 +54,10 @@ app.add_typer(db.app, name="db")
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code instead of exiting (for tests and embedding)."""
+    # Set before torch loads OpenMP: idle worker threads then sleep instead of spinning.
+    # On a 2-core machine busy with other work, spinning made encoding 4x slower
+    # (docs/encoder.md). An explicit setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         app(args=argv, prog_name="metad2a")
     except SystemExit as exc:
@@ -66,8 +70,4 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main() -> None:
-    # Set before torch loads OpenMP: idle worker threads then sleep instead of spinning.
-    # On a 2-core machine busy with other work, spinning made encoding 4x slower
-    # (docs/encoder.md). An explicit setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sys.exit(run())
