@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metad2a_cli.db import BuildSettings, Database, _load_task_images, _normalise, draw_tasks
+from metad2a_cli.db import BuildSettings, Database, load_task_images, normalise_task, draw_tasks
 from metad2a_cli.features import encode_folder
 from metad2a_cli.images import read_image_folder
 from metad2a_cli.network import Network, NetworkConfig
@@ -74,8 +74,8 @@ def evaluate(name: str, model: SearchModel, settings: BuildSettings, resolution:
     rng = np.random.default_rng(seed)
     random_cells = [Cell.from_code(int(c)) for c in rng.choice(15625, 50, replace=False)]
     schedule = s.schedule
-    train, val = _normalise(_load_task_images(root, task.train, schedule.input_size),
-                            _load_task_images(root, task.val, schedule.input_size))
+    train, val = normalise_task(load_task_images(root, task.train, schedule.input_size),
+                            load_task_images(root, task.val, schedule.input_size))
     nw = [naswot(c, train[0][:64], len(task.classes), schedule) for c in random_cells]
     naswot_pick = random_cells[int(np.argmax(nw))]
     resnet = Cell.parse(RESNET_CELL)

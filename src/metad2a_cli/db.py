@@ -320,7 +320,7 @@ class Database:
 # -- the builder -----------------------------------------------------------------------------
 
 
-def _load_task_images(root: Path, files: list[list[str]], size: int):
+def load_task_images(root: Path, files: list[list[str]], size: int):
     import torch
 
     from .images import BadImage, load_rgb
@@ -338,7 +338,7 @@ def _load_task_images(root: Path, files: list[list[str]], size: int):
     return x, torch.tensor(ys)
 
 
-def _normalise(train, val):
+def normalise_task(train, val):
     mean = train[0].mean((0, 2, 3), keepdim=True)
     std = train[0].std((0, 2, 3), keepdim=True).clamp_min(1e-3)
     return ((train[0] - mean) / std, train[1]), ((val[0] - mean) / std, val[1])
@@ -357,6 +357,8 @@ def build(
     feature_progress: Callable[[str, int, int], None] | None = None,
 ) -> int:
     """Build (or resume) a database; returns the number of records written in this run."""
+    from safetensors.numpy import save_file
+
     from .encoder import DEFAULT_RESOLUTION, ImageEncoder
     from .features import encode_images
     from .images import read_image_folder
@@ -389,8 +391,6 @@ def build(
             continue
         report = (lambda stage, done, total, name=name: feature_progress(f"{stage} {name}", done, total)) if feature_progress else None
         feats = encode_images(folders[name], settings.features_per_class, settings.seed, encoder, cache=True, progress=report)
-        from safetensors.numpy import save_file
-
         tensors = {f"class.{i}": f.astype(np.float16) for i, f in enumerate(feats.features)}
         with atomic_paths(path) as (tmp,):
             save_file(tensors, str(tmp), metadata={"classes": json.dumps(feats.classes), "encoder": feats.encoder})
@@ -410,7 +410,7 @@ def build(
                 continue
             root = folders[task.source].root
             size = settings.schedule.input_size
-            train, val = _normalise(_load_task_images(root, task.train, size), _load_task_images(root, task.val, size))
+            train, val = normalise_task(load_task_images(root, task.train, size), load_task_images(root, task.val, size))
             for j in range(0, len(cells), chunk):
                 group = cells[j : j + chunk]
                 t0 = time.perf_counter()
