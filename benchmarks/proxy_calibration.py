@@ -25,6 +25,7 @@ from PIL import Image
 
 from metad2a_cli.proxy import ProxySchedule, train_cells
 from metad2a_cli.space import Cell
+from metad2a_cli.train import spearman
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "calibration"
 
@@ -38,11 +39,6 @@ SCHEDULES = {
     "F": ProxySchedule(channels=8, cells_per_stage=1, input_size=32, epochs=6),
 }
 
-
-def spearman(a, b) -> float:
-    ra = np.argsort(np.argsort(a)).astype(float)
-    rb = np.argsort(np.argsort(b)).astype(float)
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def load_images(size: int, train_per_class: int):

@@ -21,7 +21,7 @@ LAST = "last"
 
 
 @dataclass(frozen=True)
-class RankedCell:
+class SavedRank:
     rank: int
     cell: Cell
 
@@ -32,7 +32,7 @@ class SavedRun:
     path: Path
     num_classes: int
     in_channels: int
-    ranking: tuple[RankedCell, ...]
+    ranking: tuple[SavedRank, ...]
 
     def at_rank(self, rank: int) -> Cell:
         for entry in self.ranking:
@@ -63,7 +63,7 @@ def load_run(run: str, root: Path | None = None) -> SavedRun:
     try:
         data = json.loads(path.read_text())
         ranking = tuple(
-            RankedCell(rank=int(e["rank"]), cell=Cell.parse(e["cell"])) for e in data["ranking"]
+            SavedRank(rank=int(e["rank"]), cell=Cell.parse(e["cell"])) for e in data["ranking"]
         )
         dataset = data["dataset"]
         return SavedRun(

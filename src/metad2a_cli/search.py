@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -201,6 +200,3 @@ def _save_array(path: Path, arr: np.ndarray) -> None:
     except (OSError, UserError):
         pass  # a cache that cannot be written only costs time
 
-
-def result_json(result: SearchResult, extra: dict | None = None) -> str:
-    return json.dumps({**result.to_dict(), **(extra or {})}, indent=2)
