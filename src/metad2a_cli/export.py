@@ -10,11 +10,12 @@ import contextlib
 import json
 import logging
 import warnings
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from . import __version__
 from .atomic import atomic_paths, check_writable
@@ -32,11 +33,18 @@ class ExportCheckError(RuntimeError):
     """The written model does not reproduce the PyTorch network's output."""
 
 
+Predict = Callable[[torch.Tensor], torch.Tensor]  # a loaded export: images -> logits
+# Checks a loaded export beyond the random-batch comparison; returns figures to report and
+# raises ExportCheckError to refuse the file.
+Validate = Callable[[Predict], dict]
+
+
 @dataclass(frozen=True)
 class ExportResult:
     format: str
     paths: tuple[Path, ...]
     max_abs_diff: float
+    checks: dict = field(default_factory=dict)
 
 
 def build_network(cell: Cell, config: NetworkConfig, seed: int = 0) -> Network:
@@ -98,11 +106,13 @@ def _verify(diff: float, what: str) -> None:
         )
 
 
-def export_onnx(net: Network, path: Path, seed: int = 0) -> ExportResult:
+def export_onnx(
+    net: nn.Module, path: Path, seed: int = 0, meta: dict | None = None, validate: Validate | None = None
+) -> ExportResult:
     import onnx
     import onnxruntime as ort
 
-    meta = describe(net.cell, net.config)
+    meta = {**describe(net.cell, net.config), **(meta or {})}
     batch = torch.export.Dim("batch", min=1)
     with atomic_paths(path) as (tmp,), _quiet_exporter():
         program = torch.onnx.export(
@@ -124,13 +134,14 @@ def export_onnx(net: Network, path: Path, seed: int = 0) -> ExportResult:
         model.producer_version = __version__
         onnx.save_model(model, str(tmp))
 
-        x = _check_batch(net.config, seed)
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        (out,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
-        with torch.no_grad():
-            diff = _max_abs_diff(torch.from_numpy(out), net(x))
-        _verify(diff, "onnxruntime")
-    return ExportResult("onnx", (path,), diff)
+
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            (out,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
+            return torch.from_numpy(out)
+
+        diff, checks = _check(net, predict, seed, "onnxruntime", validate)
+    return ExportResult("onnx", (path,), diff, checks)
 
 
 def torch_sidecars(path: Path) -> tuple[Path, Path]:
@@ -138,13 +149,15 @@ def torch_sidecars(path: Path) -> tuple[Path, Path]:
     return path.with_suffix(".safetensors"), path.with_suffix(".json")
 
 
-def export_torch(net: Network, path: Path, seed: int = 0) -> ExportResult:
+def export_torch(
+    net: nn.Module, path: Path, seed: int = 0, meta: dict | None = None, validate: Validate | None = None
+) -> ExportResult:
     from safetensors.torch import save_file
 
     weights_path, json_path = torch_sidecars(path)
     if path in (weights_path, json_path):
         raise UserError(f"{path}: give the PyTorch program a .pt2 name, e.g. model.pt2")
-    meta = describe(net.cell, net.config)
+    meta = {**describe(net.cell, net.config), **(meta or {})}
     meta["files"] = {"program": path.name, "weights": weights_path.name}
     meta["load"] = f"torch.export.load('{path.name}').module()"
     batch = torch.export.Dim("batch", min=1)
@@ -158,16 +171,24 @@ def export_torch(net: Network, path: Path, seed: int = 0) -> ExportResult:
         save_file(state, str(tmp_weights), metadata={"cell": str(net.cell)})
         tmp_json.write_text(json.dumps(meta, indent=2) + "\n")
 
-        x = _check_batch(net.config, seed)
         loaded = torch.export.load(str(tmp)).module()
-        with torch.no_grad():
-            diff = _max_abs_diff(loaded(x), net(x))
-        _verify(diff, "the saved PyTorch program's")
-    return ExportResult("torch", (path, weights_path, json_path), diff)
+        diff, checks = _check(net, loaded, seed, "the saved PyTorch program's", validate)
+    return ExportResult("torch", (path, weights_path, json_path), diff, checks)
 
 
-def export_network(net: Network, fmt: str, path: Path, seed: int = 0) -> ExportResult:
+def _check(net: nn.Module, predict: Predict, seed: int, what: str, validate: Validate | None) -> tuple[float, dict]:
+    x = _check_batch(net.config, seed)
+    with torch.no_grad():
+        diff = _max_abs_diff(predict(x), net(x))
+        _verify(diff, what)
+        return diff, (validate(predict) if validate is not None else {})
+
+
+def export_network(
+    net: nn.Module, fmt: str, path: Path, seed: int = 0, meta: dict | None = None, validate: Validate | None = None
+) -> ExportResult:
+    """Write ``net`` (a ``Network`` or anything with its ``cell`` and ``config``) and check it."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     check_writable(path)
-    return (export_onnx if fmt == "onnx" else export_torch)(net, path, seed)
+    return (export_onnx if fmt == "onnx" else export_torch)(net, path, seed, meta, validate)

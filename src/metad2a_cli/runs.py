@@ -33,6 +33,7 @@ class SavedRun:
     num_classes: int
     in_channels: int
     ranking: tuple[SavedRank, ...]
+    classes: tuple[str, ...] = ()  # the searched folder's class names
 
     def at_rank(self, rank: int) -> Cell:
         for entry in self.ranking:
@@ -72,6 +73,7 @@ def load_run(run: str, root: Path | None = None) -> SavedRun:
             num_classes=int(dataset["num_classes"]),
             in_channels=int(dataset.get("in_channels", 3)),
             ranking=ranking,
+            classes=tuple(str(c) for c in dataset.get("classes", ())),
         )
     except (ValueError, KeyError, TypeError) as err:
         raise UserError(f"saved run {path} is damaged ({err}); run the search again") from err
