@@ -95,8 +95,8 @@ def test_export_from_saved_run(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["export", "-o", "m.onnx"], "exactly one of --arch or --run"),
-        (["export", "--arch", "1", "--run", "last", "-o", "m.onnx"], "exactly one of --arch or --run"),
+        (["export", "-o", "m.onnx"], "exactly one of --arch, --run or --from-fit"),
+        (["export", "--arch", "1", "--run", "last", "-o", "m.onnx"], "exactly one of --arch, --run or --from-fit"),
         (["export", "--run", "last", "-o", "m.onnx"], "no saved search run"),
         (["export", "--arch", "99999", "-o", "m.onnx"], "not in 0..15624"),
         (["export", "--arch", "1", "-o", "/nonexistent-dir/m.onnx"], "does not exist"),

@@ -13,7 +13,7 @@ import typer
 
 from .. import __version__
 from ..errors import UserError
-from . import cell, db, encode, export, search, train
+from . import cell, db, encode, export, fit, search, train
 from .common import err_console
 
 app = typer.Typer(
@@ -46,6 +46,7 @@ def _root(
 
 app.command("search")(search.search)
 app.command("cell")(cell.cell)
+app.command("fit")(fit.fit)
 app.command("export")(export.export)
 app.command("encode")(encode.encode)
 app.command("train")(train.train)

@@ -95,7 +95,7 @@ def info(
     console.print(f"encoder    {data['encoder']}", highlight=False)
     console.print(f"tasks      {data['tasks']} drawn, {data['tasks_complete']} complete")
     console.print(f"records    {data['records']} ({data['unique_cells']} distinct cells)")
-    console.print(f"sources    " + ", ".join(f"{k}: {v}" for k, v in sorted(data["tasks_per_source"].items())))
+    console.print("sources    " + ", ".join(f"{k}: {v}" for k, v in sorted(data["tasks_per_source"].items())))
     if acc["min"] is not None:
         console.print(f"accuracy   min {acc['min']:.1f}  median {acc['median']:.1f}  max {acc['max']:.1f}  (%)")
     console.print(f"build time {data['build_seconds'] / 60:.1f} min of training; {data['size_bytes'] / 1e6:.1f} MB on disk")

@@ -14,30 +14,42 @@ def export(
     arch: str = typer.Option(None, "--arch", help="Cell string or NB201 index to export."),
     run: str = typer.Option(None, "--run", help="A saved search run: its id, 'last', or a run file."),
     rank: int = typer.Option(1, "--rank", help="With --run: which ranked cell (1 = best)."),
+    from_fit: Path = typer.Option(None, "--from-fit", help="A `metad2a fit` run folder: export its trained network."),
     num_classes: int = typer.Option(None, "--num-classes", help="Classes (default 10, or the run's)."),
-    input_size: tuple[int, int] = typer.Option((32, 32), "--input-size", help="Input height and width."),
+    input_size: tuple[int, int] = typer.Option(None, "--input-size", help="Input height and width [default: 32 32]."),
     in_channels: int = typer.Option(None, "--in-channels", help="Image channels: 1 or 3 (default 3, or the run's)."),
-    channels: int = typer.Option(16, "--channels", help="Width C of the first stage."),
-    cells: int = typer.Option(5, "--cells", help="Cells per stage N."),
+    channels: int = typer.Option(None, "--channels", help="Width C of the first stage [default: 16]."),
+    cells: int = typer.Option(None, "--cells", help="Cells per stage N [default: 5]."),
     seed: int = typer.Option(0, "--seed", help="Seed of the (untrained) initial weights."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Write a cell's NAS-Bench-201 network as ONNX or as a PyTorch program.
 
     The file is checked after writing (onnxruntime or torch.export.load must reproduce
-    the PyTorch output within 1e-4) and only then moved into place.
+    the PyTorch output within 1e-4) and only then moved into place. With --from-fit the
+    trained network is written, and it must also classify the fit's validation images as
+    the fitted network does; it takes RGB in [0, 1] and normalises inside.
 
     Examples:
       metad2a export --arch 1462 --format onnx -o model.onnx
       metad2a export --run last --rank 1 --format torch -o model.pt2
+      metad2a export --from-fit runs/mine --format onnx -o mine.onnx
     """
     from ..export import build_network, export_network
     from ..network import NetworkConfig
     from ..runs import load_run
     from ..space import Cell
 
-    if (arch is None) == (run is None):
-        raise UserError("give exactly one of --arch or --run")
+    if sum(x is not None for x in (arch, run, from_fit)) != 1:
+        raise UserError("give exactly one of --arch, --run or --from-fit")
+    if from_fit is not None:
+        given = {"--num-classes": num_classes, "--input-size": input_size, "--in-channels": in_channels,
+                 "--channels": channels, "--cells": cells}
+        named = [flag for flag, v in given.items() if v is not None]
+        if named:
+            raise UserError(f"{named[0]} comes from the fit with --from-fit; leave it out")
+        _export_fitted(from_fit, fmt, output, as_json)
+        return
     if run is not None:
         saved = load_run(run)
         cell = saved.at_rank(rank)
@@ -47,10 +59,10 @@ def export(
         cell = Cell.from_any(arch)
     config = NetworkConfig(
         num_classes=10 if num_classes is None else num_classes,
-        channels=channels,
-        cells_per_stage=cells,
+        channels=16 if channels is None else channels,
+        cells_per_stage=5 if cells is None else cells,
         in_channels=3 if in_channels is None else in_channels,
-        input_size=tuple(input_size),
+        input_size=(32, 32) if input_size is None else tuple(input_size),
     )
     net = build_network(cell, config, seed)
     with err_console.status(f"Exporting {fmt} and checking it..."):
@@ -70,5 +82,30 @@ def export(
     console.print(
         f"cell {cell} (NB201 #{cell.index}); output matches PyTorch "
         f"(max abs diff {result.max_abs_diff:.1e})",
+        highlight=False,
+    )
+
+
+def _export_fitted(run_dir: Path, fmt: str, output: Path, as_json: bool) -> None:
+    from ..fit import export_fitted
+
+    with err_console.status(f"Exporting {fmt} and checking it on the validation images..."):
+        result = export_fitted(run_dir, fmt, output)
+    c = result.checks
+    info = {
+        "format": result.format,
+        "files": [str(p) for p in result.paths],
+        "max_abs_diff": result.max_abs_diff,
+        **c,
+    }
+    if as_json:
+        print_json(info)
+        return
+    for p in result.paths:
+        console.print(f"wrote {p}", highlight=False)
+    console.print(
+        f"validation accuracy {c['val_acc_exported']:.2f}% exported, {c['val_acc_fitted']:.2f}% fitted network "
+        f"({c['val_images']:,} images, {c['val_flipped_near_ties']} near-tie flips); "
+        f"random batch max abs diff {result.max_abs_diff:.1e}",
         highlight=False,
     )

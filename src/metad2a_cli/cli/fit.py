@@ -1,0 +1,214 @@
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import typer
+
+from ..errors import UserError
+from .common import console, err_console, print_json
+
+INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C
+
+
+def fit(
+    root: Path = typer.Argument(None, help="ROOT/<class>/<images> (or a .csv/.json list); with --resume, default: the run's folder."),
+    output: Path = typer.Option(..., "-o", "--output", help="Run folder: checkpoints, plots and fit.json go here."),
+    run: str = typer.Option(None, "--run", help="Saved search run whose cell to train: its id, 'last' (the default), or a run file."),
+    rank: int = typer.Option(1, "--rank", help="With --run: which ranked cell (1 = best)."),
+    arch: str = typer.Option(None, "--arch", help="Train this cell instead: a cell string or NB201 index."),
+    epochs: int = typer.Option(None, "--epochs", help="Epochs of the cosine schedule [default: 30]."),
+    channels: int = typer.Option(None, "--channels", help="Width C of the first stage [default: 16]."),
+    cells: int = typer.Option(None, "--cells", help="Cells per stage N [default: 5]."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Images per step [default: 256, fewer on small sets]."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate of SGD [default: 0.1]."),
+    weight_decay: float = typer.Option(None, "--weight-decay", help="[default: 5e-4]."),
+    input_size: int = typer.Option(None, "--input-size", help="Images are resized to SxS [default: 32]."),
+    val_fraction: float = typer.Option(None, "--val-fraction", help="Share of each class held out for validation [default: 0.2]."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    seed: int = typer.Option(None, "--seed", help="Seeds the split, initial weights and augmentation [default: 0]."),
+    resume: bool = typer.Option(False, "--resume", help="Go on with the stopped run in --output."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+) -> None:
+    """Train the chosen cell's network on your images, keeping the best epoch.
+
+    Holds out part of each class for validation, checkpoints every epoch, and leaves a
+    resumable run on Ctrl-C. At the end the run folder has the best weights, a confusion
+    matrix and training curves; `metad2a export --from-fit RUN_DIR` writes the trained model.
+
+    Examples:
+      metad2a search ./my_images && metad2a fit ./my_images -o runs/mine
+      metad2a fit ./my_images --arch 1462 --epochs 50 -o runs/resnet
+      metad2a fit --resume -o runs/mine
+    """
+    from ..fit import FitSettings, resume_fit, start_fit
+    from ..images import summarize
+
+    settings_given = {
+        "epochs": epochs, "channels": channels, "cells_per_stage": cells, "lr": lr,
+        "weight_decay": weight_decay, "input_size": input_size, "val_fraction": val_fraction, "seed": seed,
+    }
+    settings_given = {k: v for k, v in settings_given.items() if v is not None}
+    reporter = ProgressReporter()
+    with reporter.live(), _ctrl_c_stops(reporter):
+        if resume:
+            if arch is not None or run is not None:
+                settings_given["cell"], _ = _chosen_cell(arch, run, rank, None)
+            outcome = resume_fit(output, root, given=settings_given, batch_size=batch_size, device=device,
+                                 reporter=reporter, decode_progress=reporter.decoding)
+        else:
+            if root is None:
+                raise UserError("give the image folder to train on: metad2a fit ROOT -o RUN_DIR")
+            cell, source = _chosen_cell(arch, run, rank, root)
+            settings = FitSettings(cell=cell, **settings_given)
+            outcome = start_fit(root, settings, output, batch_size=batch_size, device=device, source=source,
+                                reporter=reporter, decode_progress=reporter.decoding)
+    skipped = summarize(outcome.skipped)
+    if skipped:
+        err_console.print(skipped, highlight=False)
+    summary = outcome.summary()
+    if as_json:
+        print_json(summary)
+    else:
+        _print_summary(summary, outcome.record)
+    if not outcome.completed:
+        err_console.print(
+            f"stopped after {outcome.state.epoch} of {summary['epochs']} epochs; "
+            f"go on with: metad2a fit --resume -o {output}",
+            highlight=False,
+        )
+        raise typer.Exit(INTERRUPTED)
+
+
+def _chosen_cell(arch: str | None, run: str | None, rank: int, root: Path | None) -> tuple[str, dict]:
+    from ..images import read_image_folder
+    from ..runs import load_run
+    from ..space import Cell
+
+    if arch is not None and run is not None:
+        raise UserError("give --arch or --run, not both")
+    if arch is not None:
+        return str(Cell.from_any(arch)), {"arch": arch}
+    saved = load_run(run or "last")
+    cell = saved.at_rank(rank)
+    if root is not None and saved.classes:
+        classes = read_image_folder(root).classes
+        if tuple(classes) != saved.classes:
+            err_console.print(
+                f"note: search run {saved.id} was made on other classes than {root}'s; "
+                "its cell was picked for that dataset",
+                highlight=False,
+            )
+    return str(cell), {"search_run": saved.id, "rank": rank}
+
+
+class ProgressReporter:
+    """Draws a fit's progress on stderr and turns the first Ctrl-C into a clean stop."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(), console=err_console, transient=False,
+        )
+        self.decode_task = None
+        self.train_task = None
+        self.training = False
+        self.stop_requested = False
+        self.best: float | None = None
+
+    def live(self):
+        return self.bar
+
+    def decoding(self, done: int, total: int) -> None:
+        if self.decode_task is None:
+            self.decode_task = self.bar.add_task("reading images", total=total, info="")
+        self.bar.update(self.decode_task, completed=done, total=total, info=f"{done:,}/{total:,}")
+
+    # Reporter protocol (see metad2a_cli.fit.Reporter)
+
+    def start(self, info: dict) -> None:
+        self.info = info
+        self.training = True
+        self.t0, self.images0 = time.perf_counter(), 0
+        n, epochs = info["num_train"], info["epochs"]
+        self.done_before = info["epoch"] * n + info["seen"]
+        err_console.print(
+            f"training {info['cell']} ({info['parameters'] / 1e6:.2f} M parameters) on {n:,} images "
+            f"of {info['classes']} classes, validating on {info['num_val']:,} · batch {info['batch_size']} · {info['device']}",
+            highlight=False,
+        )
+        self.train_task = self.bar.add_task(
+            f"epoch {info['epoch'] + 1}/{epochs}", total=epochs * n, completed=self.done_before, info=""
+        )
+
+    def step(self, epoch: int, seen: int, num_train: int, loss: float | None) -> None:
+        done = epoch * num_train + seen
+        elapsed = time.perf_counter() - self.t0
+        rate = (done - self.done_before) / elapsed if elapsed > 0 else 0.0
+        best = f" · best val {self.best:.1f}%" if self.best is not None else ""
+        self.bar.update(
+            self.train_task, completed=done, description=f"epoch {epoch + 1}/{self.info['epochs']}",
+            info=f"loss {loss:.3f}{best} · {rate:,.0f} img/s",
+        )
+
+    def epoch(self, entry: dict) -> None:
+        self.best = entry["val_acc"] if self.best is None else max(self.best, entry["val_acc"])
+        rate = entry["images_per_s"] or 0.0
+        self.bar.console.print(
+            f"epoch {entry['epoch']:>3}: train loss {entry['train_loss']:.3f} acc {entry['train_acc']:5.1f}% · "
+            f"val loss {entry['val_loss']:.3f} acc {entry['val_acc']:5.1f}%"
+            f"{' (best)' if entry['best'] else ''} · {rate:,.0f} img/s",
+            highlight=False,
+        )
+
+    def note(self, message: str) -> None:
+        self.bar.console.print(f"note: {message}", highlight=False)
+
+    def should_stop(self) -> bool:
+        return self.stop_requested
+
+
+class _ctrl_c_stops:
+    """While training, the first Ctrl-C asks for a checkpoint and a stop; a second one quits."""
+
+    def __init__(self, reporter: ProgressReporter):
+        self.reporter = reporter
+
+    def _handler(self, signum, frame) -> None:
+        if not self.reporter.training or self.reporter.stop_requested:
+            raise KeyboardInterrupt
+        self.reporter.stop_requested = True
+        self.reporter.bar.console.print("stopping: saving a checkpoint (Ctrl-C again quits at once)", highlight=False)
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self.previous = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _print_summary(summary: dict, record: dict) -> None:
+    if summary["best_epoch"] is None:
+        return
+    console.print(
+        f"best validation accuracy {summary['best_val_acc']:.1f}% at epoch {summary['best_epoch']} "
+        f"(last epoch {summary['last_val_acc']:.1f}%), {summary['num_val']:,} validation images",
+        highlight=False,
+    )
+    result = record.get("result")
+    if result and len(result["per_class_acc"]) <= 20:
+        worst = sorted(result["per_class_acc"].items(), key=lambda kv: kv[1])[:5]
+        console.print("weakest classes: " + ", ".join(f"{c} {a:.0f}%" for c, a in worst), highlight=False)
+    for name, path in summary["files"].items():
+        console.print(f"  {path}", highlight=False)
+    if summary["completed"]:
+        console.print(f"export it with: metad2a export --from-fit {summary['run_dir']} --format onnx -o model.onnx",
+                      highlight=False)
