@@ -287,8 +287,6 @@ def conventions(args) -> None:
     import torch.nn.functional as F
     from PIL import Image
 
-    from metad2a_cli import encoder as enc
-
     targets = {"chelsea": [281, 282, 283, 284, 285], "coffee": [504, 967, 968],
                "rocket": [657, 744, 812], "motorcycle": [665, 670, 671]}
     photos = _photos()

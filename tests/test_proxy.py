@@ -2,7 +2,7 @@ import torch
 
 from metad2a_cli.network import Network, NetworkConfig
 from metad2a_cli.proxy import CellEnsemble, ProxySchedule, train_cells
-from metad2a_cli.space import Cell, all_cells
+from metad2a_cli.space import Cell
 
 CELLS = [
     Cell.parse("|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|"),

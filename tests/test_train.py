@@ -8,7 +8,7 @@ from safetensors.numpy import save_file
 
 from metad2a_cli import encoder
 from metad2a_cli.cli import run
-from metad2a_cli.db import FORMAT_VERSION, BuildSettings, Database, Record, Task
+from metad2a_cli.db import FORMAT_VERSION, BuildSettings, Record, Task
 from metad2a_cli.errors import UserError
 from metad2a_cli.search import SearchModel
 from metad2a_cli.sizes import ModelSizes

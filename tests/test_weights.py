@@ -20,7 +20,6 @@ from metad2a_cli.weights import (
     DEFAULT_REPO,
     FORMAT_VERSION,
     UNREACHABLE_MESSAGE,
-    Checkpoint,
     HubRef,
     HubSettings,
     check_encoder,

@@ -11,7 +11,6 @@ ensemble computes exactly what K separate networks would.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
