@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metad2a_cli.fit import FitSettings, FitState, Reporter, Trainer, cosine_lr, crop_and_flip
+from metad2a_cli.trainer import FitSettings, FitState, Reporter, Trainer, cosine_lr, crop_and_flip
 from metad2a_cli.fitdata import LabeledImages
 from metad2a_cli.network import Network
 from metad2a_cli.space import Cell

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from metad2a_cli import cli
-from metad2a_cli import fit as fit_mod
+from metad2a_cli import trainer as trainer_mod
 from metad2a_cli.errors import UserError
 from metad2a_cli.export import ExportCheckError
 from metad2a_cli.fit import (
@@ -18,10 +18,7 @@ from metad2a_cli.fit import (
     CURVES_PNG,
     FIT_JSON,
     LAST,
-    FitSettings,
-    Reporter,
     accuracy_check,
-    crop_and_flip,
     export_fitted,
     load_fitted,
     load_tensors,
@@ -32,6 +29,7 @@ from metad2a_cli.fitdata import split_and_decode
 from metad2a_cli.images import read_image_folder
 from metad2a_cli.runs import save_run
 from metad2a_cli.space import Cell
+from metad2a_cli.trainer import FitSettings, Reporter, crop_and_flip
 
 CELL = str(Cell.from_any("1462"))
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 40), "blue": (40, 40, 200)}
@@ -131,7 +129,7 @@ def test_short_fit_learns_an_easy_task(fitted_run):
 
 def test_best_checkpoint_is_the_best_epoch(images, tmp_path, monkeypatch):
     scripted = iter([40.0, 90.0, 60.0, 90.0])  # epoch 2 is best; a later tie does not replace it
-    real = fit_mod.Trainer.evaluate
+    real = trainer_mod.Trainer.evaluate
     weights_after = {}
 
     def evaluate(self, model=None):
@@ -139,9 +137,9 @@ def test_best_checkpoint_is_the_best_epoch(images, tmp_path, monkeypatch):
         if model is not None:  # the final evaluation of the best weights
             return ev
         weights_after[self.state.epoch + 1] = {k: v.clone() for k, v in self.model.state_dict().items()}
-        return fit_mod.Evaluation(ev.loss, next(scripted), ev.confusion)
+        return trainer_mod.Evaluation(ev.loss, next(scripted), ev.confusion)
 
-    monkeypatch.setattr(fit_mod.Trainer, "evaluate", evaluate)
+    monkeypatch.setattr(trainer_mod.Trainer, "evaluate", evaluate)
     outcome = start_fit(images, small(epochs=4), tmp_path / "run", batch_size=8, device="cpu")
     assert outcome.state.best["epoch"] == 2
     assert [e.get("val_acc") for e in outcome.state.history] == [40.0, 90.0, 60.0, 90.0]
@@ -181,10 +179,12 @@ def test_resume_may_change_the_batch_size_but_not_the_settings(images, tmp_path)
     assert outcome.state.history[-1]["batch_size"] == 4
 
 
-def test_completed_run_resumes_to_nothing_new(fitted_run):
+def test_completed_run_resumes_to_nothing_new(fitted_run, tmp_path):
     run, outcome = fitted_run
-    again = resume_fit(run, device="cpu")
+    before = (run / LAST).stat().st_mtime_ns
+    again = resume_fit(run, tmp_path / "images-gone", device="cpu")  # nothing is read, nothing trained
     assert again.completed and again.state.history == outcome.state.history
+    assert (run / LAST).stat().st_mtime_ns == before
 
 
 # -- export of a fitted model --------------------------------------------------------------
@@ -263,14 +263,14 @@ def test_no_free_disk(images, tmp_path, monkeypatch):
 
 
 def test_out_of_memory_halves_the_batch_and_goes_on(images, tmp_path, monkeypatch):
-    real = fit_mod.Trainer.train_step
+    real = trainer_mod.Trainer.train_step
 
     def train_step(self, images, labels, lr):
         if len(labels) > 8:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(self, images, labels, lr)
 
-    monkeypatch.setattr(fit_mod.Trainer, "train_step", train_step)
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", train_step)
     notes = StopAfter()
     outcome = start_fit(images, small(epochs=1), tmp_path / "run", batch_size=32, device="cpu", reporter=notes)
     assert outcome.completed
@@ -285,7 +285,7 @@ def test_out_of_memory_at_the_smallest_batch_is_an_error(images, tmp_path, monke
     def train_step(self, images, labels, lr):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(fit_mod.Trainer, "train_step", train_step)
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", train_step)
     with pytest.raises(UserError, match="out of GPU memory even at batch size 2"):
         start_fit(images, small(epochs=1), tmp_path / "run", batch_size=4, device="cpu")
 

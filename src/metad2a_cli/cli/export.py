@@ -16,10 +16,10 @@ def export(
     rank: int = typer.Option(1, "--rank", help="With --run: which ranked cell (1 = best)."),
     from_fit: Path = typer.Option(None, "--from-fit", help="A `metad2a fit` run folder: export its trained network."),
     num_classes: int = typer.Option(None, "--num-classes", help="Classes (default 10, or the run's)."),
-    input_size: tuple[int, int] = typer.Option(None, "--input-size", help="Input height and width [default: 32 32]."),
+    input_size: tuple[int, int] = typer.Option(None, "--input-size", help="Input height and width (default 32 32)."),
     in_channels: int = typer.Option(None, "--in-channels", help="Image channels: 1 or 3 (default 3, or the run's)."),
-    channels: int = typer.Option(None, "--channels", help="Width C of the first stage [default: 16]."),
-    cells: int = typer.Option(None, "--cells", help="Cells per stage N [default: 5]."),
+    channels: int = typer.Option(None, "--channels", help="Width C of the first stage (default 16)."),
+    cells: int = typer.Option(None, "--cells", help="Cells per stage N (default 5)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the (untrained) initial weights."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:

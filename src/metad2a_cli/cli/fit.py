@@ -18,16 +18,16 @@ def fit(
     run: str = typer.Option(None, "--run", help="Saved search run whose cell to train: its id, 'last' (the default), or a run file."),
     rank: int = typer.Option(1, "--rank", help="With --run: which ranked cell (1 = best)."),
     arch: str = typer.Option(None, "--arch", help="Train this cell instead: a cell string or NB201 index."),
-    epochs: int = typer.Option(None, "--epochs", help="Epochs of the cosine schedule [default: 30]."),
-    channels: int = typer.Option(None, "--channels", help="Width C of the first stage [default: 16]."),
-    cells: int = typer.Option(None, "--cells", help="Cells per stage N [default: 5]."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Images per step [default: 256, fewer on small sets]."),
-    lr: float = typer.Option(None, "--lr", help="Peak learning rate of SGD [default: 0.1]."),
-    weight_decay: float = typer.Option(None, "--weight-decay", help="[default: 5e-4]."),
-    input_size: int = typer.Option(None, "--input-size", help="Images are resized to SxS [default: 32]."),
-    val_fraction: float = typer.Option(None, "--val-fraction", help="Share of each class held out for validation [default: 0.2]."),
+    epochs: int = typer.Option(None, "--epochs", help="Epochs of the cosine schedule (default 30)."),
+    channels: int = typer.Option(None, "--channels", help="Width C of the first stage (default 16)."),
+    cells: int = typer.Option(None, "--cells", help="Cells per stage N (default 5)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Images per step (default 256, fewer on sets under 12,800 images)."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate of SGD (default 0.1)."),
+    weight_decay: float = typer.Option(None, "--weight-decay", help="L2 penalty of SGD (default 5e-4)."),
+    input_size: int = typer.Option(None, "--input-size", help="Images are resized to SxS (default 32)."),
+    val_fraction: float = typer.Option(None, "--val-fraction", help="Share of each class held out for validation (default 0.2)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    seed: int = typer.Option(None, "--seed", help="Seeds the split, initial weights and augmentation [default: 0]."),
+    seed: int = typer.Option(None, "--seed", help="Seeds the split, initial weights and augmentation (default 0)."),
     resume: bool = typer.Option(False, "--resume", help="Go on with the stopped run in --output."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
 ) -> None:
@@ -42,7 +42,8 @@ def fit(
       metad2a fit ./my_images --arch 1462 --epochs 50 -o runs/resnet
       metad2a fit --resume -o runs/mine
     """
-    from ..fit import FitSettings, resume_fit, start_fit
+    from ..fit import resume_fit, start_fit
+    from ..trainer import FitSettings
     from ..images import summarize
 
     settings_given = {
@@ -104,7 +105,7 @@ def _chosen_cell(arch: str | None, run: str | None, rank: int, root: Path | None
 
 
 class ProgressReporter:
-    """Draws a fit's progress on stderr and turns the first Ctrl-C into a clean stop."""
+    """Draws a fit's progress on stderr; a ``trainer.Reporter`` whose stop flag Ctrl-C sets."""
 
     def __init__(self):
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -127,7 +128,7 @@ class ProgressReporter:
             self.decode_task = self.bar.add_task("reading images", total=total, info="")
         self.bar.update(self.decode_task, completed=done, total=total, info=f"{done:,}/{total:,}")
 
-    # Reporter protocol (see metad2a_cli.fit.Reporter)
+    # trainer.Reporter's methods
 
     def start(self, info: dict) -> None:
         self.info = info
