@@ -205,9 +205,10 @@ def _print_summary(summary: dict, record: dict) -> None:
         highlight=False,
     )
     result = record.get("result")
-    if result and len(result["per_class_acc"]) <= 20:
-        worst = sorted(result["per_class_acc"].items(), key=lambda kv: kv[1])[:5]
-        console.print("weakest classes: " + ", ".join(f"{c} {a:.0f}%" for c, a in worst), highlight=False)
+    if result:
+        worst = sorted((kv for kv in result["per_class_acc"].items() if kv[1] < 100.0), key=lambda kv: kv[1])[:5]
+        if worst:
+            console.print("weakest classes: " + ", ".join(f"{c} {a:.0f}%" for c, a in worst), highlight=False)
     for name, path in summary["files"].items():
         console.print(f"  {path}", highlight=False)
     if summary["completed"]:
