@@ -166,6 +166,19 @@ def test_stopped_run_resumes_to_the_same_weights(images, tmp_path):
     assert [h["val_acc"] for h in straight.state.history] == [h["val_acc"] for h in resumed.state.history]
 
 
+def test_a_run_on_a_csv_list_resumes_from_the_list(images, tmp_path):
+    rows = ["path,label"] + [f"{p.relative_to(images)},{p.parent.name}" for p in sorted(images.glob("*/*.png"))]
+    listing = images / "list.csv"
+    listing.write_text("\n".join(rows) + "\n")
+    try:
+        stopped = start_fit(listing, small(), tmp_path / "run", batch_size=8, device="cpu", reporter=StopAfter(steps=3))
+        assert not stopped.completed
+        resumed = resume_fit(tmp_path / "run", device="cpu")  # the run's own source: the list
+        assert resumed.completed and resumed.record["dataset"]["root"] == str(listing.resolve())
+    finally:
+        listing.unlink()
+
+
 def test_resume_may_change_the_batch_size_but_not_the_settings(images, tmp_path):
     start_fit(images, small(), tmp_path / "run", batch_size=8, device="cpu", reporter=StopAfter(steps=2))
     with pytest.raises(UserError, match="--lr 0.2 differs"):

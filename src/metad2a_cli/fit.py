@@ -238,7 +238,7 @@ def start_fit(
         "settings": asdict(settings),
         "source": source or {"arch": settings.cell},
         "dataset": {
-            "root": str(folder.root.resolve()),
+            "root": str(Path(root).resolve()),  # as given: a folder, or a .csv/.json list
             "classes": classes,
             "num_train": len(train),
             "num_val": len(val),
