@@ -67,22 +67,11 @@ def export(
     net = build_network(cell, config, seed)
     with err_console.status(f"Exporting {fmt} and checking it..."):
         result = export_network(net, fmt, output, seed)
-    info = {
-        "format": result.format,
-        "files": [str(p) for p in result.paths],
-        "cell": str(cell),
-        "nb201_index": cell.index,
-        "max_abs_diff": result.max_abs_diff,
-    }
-    if as_json:
-        print_json(info)
-        return
-    for p in result.paths:
-        console.print(f"wrote {p}", highlight=False)
-    console.print(
-        f"cell {cell} (NB201 #{cell.index}); output matches PyTorch "
-        f"(max abs diff {result.max_abs_diff:.1e})",
-        highlight=False,
+    _report(
+        result,
+        {"cell": str(cell), "nb201_index": cell.index},
+        f"cell {cell} (NB201 #{cell.index}); output matches PyTorch (max abs diff {result.max_abs_diff:.1e})",
+        as_json,
     )
 
 
@@ -92,20 +81,21 @@ def _export_fitted(run_dir: Path, fmt: str, output: Path, as_json: bool) -> None
     with err_console.status(f"Exporting {fmt} and checking it on the validation images..."):
         result = export_fitted(run_dir, fmt, output)
     c = result.checks
-    info = {
-        "format": result.format,
-        "files": [str(p) for p in result.paths],
-        "max_abs_diff": result.max_abs_diff,
-        **c,
-    }
-    if as_json:
-        print_json(info)
-        return
-    for p in result.paths:
-        console.print(f"wrote {p}", highlight=False)
-    console.print(
+    _report(
+        result,
+        {},
         f"validation accuracy {c['val_acc_exported']:.2f}% exported, {c['val_acc_fitted']:.2f}% fitted network "
         f"({c['val_images']:,} images, {c['val_flipped_near_ties']} near-tie flips); "
         f"random batch max abs diff {result.max_abs_diff:.1e}",
-        highlight=False,
+        as_json,
     )
+
+
+def _report(result, fields: dict, summary: str, as_json: bool) -> None:
+    if as_json:
+        print_json({"format": result.format, "files": [str(p) for p in result.paths], **fields,
+                    "max_abs_diff": result.max_abs_diff, **result.checks})
+        return
+    for p in result.paths:
+        console.print(f"wrote {p}", highlight=False)
+    console.print(summary, highlight=False)
