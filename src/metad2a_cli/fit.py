@@ -38,7 +38,7 @@ from .trainer import (
     Trainer,
     TrainedNetwork,
     default_batch_size,
-    memory_format,
+    CHANNELS_LAST,
     model_state,
     to_unit,
 )
@@ -188,7 +188,7 @@ def _finish(run: RunFolder, trainer: Trainer, record: dict) -> None:
     tensors, _ = load_tensors(run / BEST)
     best = TrainedNetwork(trainer.model.cell, trainer.model.config, [0.0] * 3, [1.0] * 3)
     best.load_state_dict(tensors)
-    best.to(trainer.device, memory_format=memory_format(trainer.device))
+    best.to(trainer.device, memory_format=CHANNELS_LAST)
     ev = trainer.evaluate(best)
     classes = record["dataset"]["classes"]
     per_class = ev.confusion.diagonal() / np.maximum(1, ev.confusion.sum(1))
