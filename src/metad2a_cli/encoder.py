@@ -89,11 +89,19 @@ def resolve_device(device: str) -> torch.device:
     raise UserError(f"unknown device {device!r}; choose auto, cpu or cuda")
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))  # honours taskset and container CPU sets
-    except AttributeError:
+    except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def use_all_cores() -> None:
+    """Let torch's CPU kernels use every usable core; an explicit OMP_NUM_THREADS wins."""
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(usable_cpus())
 
 
 class ImageEncoder:
@@ -136,13 +144,10 @@ class ImageEncoder:
 
     @cached_property
     def model(self) -> EfficientNetLite0:
-        import torch
-
         from .efficientnet import _shared_cpu_model
 
         if self.device.type == "cpu":
-            if "OMP_NUM_THREADS" not in os.environ:  # an explicit thread count wins
-                torch.set_num_threads(_usable_cpus())
+            use_all_cores()
             return _shared_cpu_model()
         model = copy.deepcopy(_shared_cpu_model()).to(self.device)
         return model.half() if self.half else model

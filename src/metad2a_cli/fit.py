@@ -15,7 +15,6 @@ resuming and finishing a run.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -304,12 +303,11 @@ def resume_fit(
 
 
 def _device(device: str) -> torch.device:
-    from .encoder import resolve_device
-    from .fitdata import workers
+    from .encoder import resolve_device, use_all_cores
 
     dev = resolve_device(device)
-    if dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # an explicit setting wins
-        torch.set_num_threads(workers())
+    if dev.type == "cpu":
+        use_all_cores()
     return dev
 
 

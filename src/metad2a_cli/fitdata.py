@@ -7,7 +7,6 @@ seeded, and recorded in the run as file lists, so a resumed run trains on the sa
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .encoder import usable_cpus
 from .errors import UserError
 from .images import BadImage, ImageFolder, Skipped, load_rgb, sample_order
 
@@ -60,13 +60,6 @@ def _decode_one(path: Path, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)  # (3, S, S)
 
 
-def workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def decode(
     paths: Sequence[Path], size: int, progress: Progress | None = None
 ) -> tuple[list[np.ndarray | None], list[Skipped]]:
@@ -81,7 +74,7 @@ def decode(
             skipped.append(Skipped(paths[i], err.reason, err.detail))
 
     # PIL releases the GIL while it decodes, so threads scale with cores.
-    with ThreadPoolExecutor(workers()) as pool:
+    with ThreadPoolExecutor(usable_cpus()) as pool:
         for done, _ in enumerate(pool.map(work, range(len(paths))), 1):
             if progress is not None and (done % 64 == 0 or done == len(paths)):
                 progress(done, len(paths))
