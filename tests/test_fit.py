@@ -179,6 +179,17 @@ def test_a_run_on_a_csv_list_resumes_from_the_list(images, tmp_path):
         listing.unlink()
 
 
+def test_a_cell_searched_on_other_classes_gets_a_note(images, tmp_path):
+    notes = StopAfter(steps=0)
+    source = {"search_run": "r1", "rank": 1, "classes": ["cats", "dogs"]}
+    start_fit(images, small(), tmp_path / "a", batch_size=8, device="cpu", source=source, reporter=notes)
+    assert notes.notes == [f"search run r1 was made on other classes than {images}'s; its cell was picked for that dataset"]
+    same = StopAfter(steps=0)
+    source["classes"] = ["blue", "green", "red"]
+    start_fit(images, small(), tmp_path / "b", batch_size=8, device="cpu", source=source, reporter=same)
+    assert same.notes == []
+
+
 def test_resume_may_change_the_batch_size_but_not_the_settings(images, tmp_path):
     start_fit(images, small(), tmp_path / "run", batch_size=8, device="cpu", reporter=StopAfter(steps=2))
     with pytest.raises(UserError, match="--lr 0.2 differs"):

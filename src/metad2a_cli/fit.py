@@ -123,6 +123,29 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise UserError(f"{path} is damaged or not a metad2a checkpoint ({err})") from err
 
 
+def _load_validation(run: RunFolder) -> LabeledImages:
+    tensors, _ = load_tensors(run / VALIDATION)
+    return LabeledImages(tensors["images"].numpy(), tensors["labels"].numpy())
+
+
+def _load_best(run: RunFolder, settings: FitSettings, num_classes: int) -> TrainedNetwork:
+    """The best epoch's network (its normalisation comes with the weights), on the CPU."""
+    net = TrainedNetwork(Cell.parse(settings.cell), settings.network_config(num_classes), [0.0] * 3, [1.0] * 3)
+    tensors, _ = load_tensors(run / BEST)
+    net.load_state_dict(tensors)
+    return net
+
+
+def _is_finished(run: RunFolder, record: dict) -> bool:
+    """The result and plots are written: nothing left to do for this run."""
+    return "result" in record and (run / CURVES_PNG).exists()
+
+
+def _check_batch_size(batch_size: int | None) -> None:
+    if batch_size is not None and batch_size < 2:
+        raise UserError(f"--batch-size must be at least 2, got {batch_size}")
+
+
 # -- the run ---------------------------------------------------------------------------------
 
 
@@ -184,12 +207,9 @@ def _finish(run: RunFolder, trainer: Trainer, record: dict) -> None:
     """After the last epoch: evaluate the best weights, draw the plots, record the result."""
     from . import plots
 
-    tensors, _ = load_tensors(run / BEST)
-    best = TrainedNetwork(trainer.model.cell, trainer.model.config, [0.0] * 3, [1.0] * 3)
-    best.load_state_dict(tensors)
-    best.to(trainer.device, memory_format=CHANNELS_LAST)
-    ev = trainer.evaluate(best)
     classes = record["dataset"]["classes"]
+    best = _load_best(run, trainer.settings, len(classes)).to(trainer.device, memory_format=CHANNELS_LAST)
+    ev = trainer.evaluate(best)
     per_class = ev.confusion.diagonal() / np.maximum(1, ev.confusion.sum(1))
     record["result"] = {
         "best_epoch": trainer.state.best["epoch"],
@@ -217,15 +237,23 @@ def start_fit(
     """Train ``settings.cell``'s network on the images under ``root``, in a new run folder.
 
     Returns when the run completes or when ``reporter.should_stop()`` says so; either way
-    the folder holds a checkpoint that ``resume_fit`` goes on from.
+    the folder holds a checkpoint that ``resume_fit`` goes on from. ``source`` (recorded in
+    fit.json) says where the cell came from; a search run's ``classes`` there that differ
+    from the folder's get a note.
     """
     settings.validate()
-    if batch_size is not None and batch_size < 2:
-        raise UserError(f"--batch-size must be at least 2, got {batch_size}")
+    _check_batch_size(batch_size)
+    reporter = reporter or Reporter()
     dev = _device(device)
     run = RunFolder(run_dir)
     run.prepare_new()
     folder = read_image_folder(root)
+    searched = (source or {}).get("classes")
+    if searched and list(searched) != list(folder.classes):
+        reporter.note(
+            f"search run {source['search_run']} was made on other classes than {root}'s; "
+            "its cell was picked for that dataset"
+        )
     split, train, val, bad = split_and_decode(folder, settings.val_fraction, settings.input_size, settings.seed, decode_progress)
     skipped = list(folder.skipped) + bad
     classes = list(folder.classes)
@@ -248,7 +276,7 @@ def start_fit(
         },
         "device": str(dev),
     }
-    trainer = Trainer(settings, classes, mean, std, train, val, state, dev, reporter or Reporter())
+    trainer = Trainer(settings, classes, mean, std, train, val, state, dev, reporter)
     # Two checkpoints with their temporary copies, the validation images and the plots.
     run.check_free_space(4 * trainer.checkpoint_bytes() + val.images.nbytes + 8_000_000)
     save_tensors(run / VALIDATION, {"images": torch.from_numpy(val.images), "labels": torch.from_numpy(val.labels)}, {})
@@ -279,7 +307,7 @@ def resume_fit(
     _check_same_settings(given or {}, settings)
     tensors, meta = load_tensors(run / LAST)
     state = FitState.from_dict(meta["state"])
-    if state.completed and "result" in record and (run / CURVES_PNG).exists():
+    if state.completed and _is_finished(run, record):
         return FitOutcome(run.path, True, state, record, [])  # finished: nothing to read or train
     root = Path(record["dataset"]["root"]) if root is None else Path(root)
     folder = read_image_folder(root)
@@ -288,11 +316,9 @@ def resume_fit(
         raise UserError(_class_difference(root, list(folder.classes), classes))
     split = Split.from_dict(record["dataset"]["split"])
     train = decode_split_side(folder.root, split.train, settings.input_size, decode_progress)
-    val_tensors, _ = load_tensors(run / VALIDATION)
-    val = LabeledImages(val_tensors["images"].numpy(), val_tensors["labels"].numpy())
+    val = _load_validation(run)
+    _check_batch_size(batch_size)
     if batch_size is not None and batch_size != state.batch_size:
-        if batch_size < 2:
-            raise UserError(f"--batch-size must be at least 2, got {batch_size}")
         reporter.note(f"batch size {batch_size} from here on (the run used {state.batch_size})")
         state.batch_size = batch_size
     mean, std = record["dataset"]["mean"], record["dataset"]["std"]
@@ -337,7 +363,7 @@ def _train(run: RunFolder, trainer: Trainer, record: dict, skipped: list[Skipped
         entry["best"] = state.best["epoch"] == entry["epoch"]
         _save_progress(run, trainer, record)
         reporter.epoch(entry)
-    if "result" not in record or not (run / CURVES_PNG).exists():
+    if not _is_finished(run, record):
         _finish(run, trainer, record)
     return FitOutcome(run.path, True, state, record, skipped)
 
@@ -381,14 +407,9 @@ def load_fitted(run_dir: Path) -> FittedModel:
     record = run.read_record()
     if not (run / BEST).is_file():
         raise UserError(f"{run.path} has no finished epoch yet (no {BEST}); resume the fit first")
-    settings = FitSettings(**record["settings"])
     classes = record["dataset"]["classes"]
-    net = TrainedNetwork(Cell.parse(settings.cell), settings.network_config(len(classes)), [0.0] * 3, [1.0] * 3)
-    tensors, _ = load_tensors(run / BEST)
-    net.load_state_dict(tensors)
-    val_tensors, _ = load_tensors(run / VALIDATION)
-    val = LabeledImages(val_tensors["images"].numpy(), val_tensors["labels"].numpy())
-    return FittedModel(net.eval(), classes, val, record)
+    net = _load_best(run, FitSettings(**record["settings"]), len(classes))
+    return FittedModel(net.eval(), classes, _load_validation(run), record)
 
 
 def _logits(predict: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch: int = 256) -> torch.Tensor:

@@ -52,16 +52,16 @@ def fit(
     }
     settings_given = {k: v for k, v in settings_given.items() if v is not None}
     reporter = ProgressReporter()
-    with reporter.live(), _ctrl_c_stops(reporter):
+    with reporter.bar, _ctrl_c_stops(reporter):
         if resume:
             if arch is not None or run is not None:
-                settings_given["cell"], _ = _chosen_cell(arch, run, rank, None)
+                settings_given["cell"], _ = _chosen_cell(arch, run, rank)
             outcome = resume_fit(output, root, given=settings_given, batch_size=batch_size, device=device,
                                  reporter=reporter, decode_progress=reporter.decoding)
         else:
             if root is None:
                 raise UserError("give the image folder to train on: metad2a fit ROOT -o RUN_DIR")
-            cell, source = _chosen_cell(arch, run, rank, root)
+            cell, source = _chosen_cell(arch, run, rank)
             settings = FitSettings(cell=cell, **settings_given)
             outcome = start_fit(root, settings, output, batch_size=batch_size, device=device, source=source,
                                 reporter=reporter, decode_progress=reporter.decoding)
@@ -82,8 +82,8 @@ def fit(
         raise typer.Exit(INTERRUPTED)
 
 
-def _chosen_cell(arch: str | None, run: str | None, rank: int, root: Path | None) -> tuple[str, dict]:
-    from ..images import read_image_folder
+def _chosen_cell(arch: str | None, run: str | None, rank: int) -> tuple[str, dict]:
+    """The cell to train and where it came from (a search run's classes, for start_fit's check)."""
     from ..runs import load_run
     from ..space import Cell
 
@@ -93,15 +93,7 @@ def _chosen_cell(arch: str | None, run: str | None, rank: int, root: Path | None
         return str(Cell.from_any(arch)), {"arch": arch}
     saved = load_run(run or "last")
     cell = saved.at_rank(rank)
-    if root is not None and saved.classes:
-        classes = read_image_folder(root).classes
-        if tuple(classes) != saved.classes:
-            err_console.print(
-                f"note: search run {saved.id} was made on other classes than {root}'s; "
-                "its cell was picked for that dataset",
-                highlight=False,
-            )
-    return str(cell), {"search_run": saved.id, "rank": rank}
+    return str(cell), {"search_run": saved.id, "rank": rank, "classes": list(saved.classes)}
 
 
 class ProgressReporter:
@@ -120,9 +112,6 @@ class ProgressReporter:
         self.stop_requested = False
         self.best: float | None = None
 
-    def live(self):
-        return self.bar
-
     def decoding(self, done: int, total: int) -> None:
         if self.decode_task is None:
             self.decode_task = self.bar.add_task("reading images", total=total, info="")
@@ -133,7 +122,7 @@ class ProgressReporter:
     def start(self, info: dict) -> None:
         self.info = info
         self.training = True
-        self.t0, self.images0 = time.perf_counter(), 0
+        self.t0 = time.perf_counter()
         n, epochs = info["num_train"], info["epochs"]
         self.done_before = info["epoch"] * n + info["seen"]
         err_console.print(
