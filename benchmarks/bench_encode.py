@@ -56,7 +56,7 @@ def make_folder(dest: Path, dataset: str, classes: int, per_class: int) -> Path:
 _TIMED_RUN = r"""
 import json, sys, time
 t0 = time.perf_counter()
-from metad2a_cli.features import encode_folder
+from metad2a_cli.data.features import encode_folder
 t1, c1 = time.perf_counter(), time.process_time()
 out = encode_folder(sys.argv[1], num_samples=int(sys.argv[2]), device="cpu")
 t2, c2 = time.perf_counter(), time.process_time()
@@ -82,8 +82,8 @@ def timed_cli(folder: Path, per_class: int, env: dict, out: Path) -> float:
 def speed(args) -> None:
     import torch
 
-    from metad2a_cli.encoder import ImageEncoder
-    from metad2a_cli.images import load_rgb, read_image_folder, sample_per_class
+    from metad2a_cli.data.encoder import ImageEncoder
+    from metad2a_cli.data.images import load_rgb, read_image_folder, sample_per_class
 
     print(f"# speed: {args.classes} classes x {args.per_class} images of {args.dataset}; {machine()}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,7 +138,7 @@ def speed(args) -> None:
 def throughput(args) -> None:
     import torch
 
-    from metad2a_cli.encoder import ImageEncoder
+    from metad2a_cli.data.encoder import ImageEncoder
 
     print(f"# encoder throughput on CPU, batch {args.batch}, {torch.get_num_threads()} threads; {machine()}")
     rng = np.random.default_rng(0)
@@ -184,7 +184,7 @@ def loo_scores(feats: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
 
 def sampled_images(root: Path, per_class: int, seed: int):
     """Decoded images of a seeded per-class sample, with their class indices."""
-    from metad2a_cli.images import load_rgb, read_image_folder, sample_per_class
+    from metad2a_cli.data.images import load_rgb, read_image_folder, sample_per_class
 
     images, labels = [], []
     for label, files in enumerate(sample_per_class(read_image_folder(root), per_class, seed)):
@@ -219,7 +219,7 @@ def _as_in_shared_data(image, long_side: int = 64):
 
 
 def resolution(args) -> None:
-    from metad2a_cli.encoder import ImageEncoder
+    from metad2a_cli.data.encoder import ImageEncoder
 
     print(f"# resolution: {args.per_class} images/class, seeds {args.seeds}; {machine()}")
     sets = {d: [sampled_images(DATA / d, args.per_class, s) for s in args.seeds] for d in args.datasets}
@@ -253,7 +253,7 @@ def crop(args) -> None:
     """Squash the whole image into the square vs resize the short side and crop the centre."""
     from PIL import ImageOps
 
-    from metad2a_cli.encoder import ImageEncoder
+    from metad2a_cli.data.encoder import ImageEncoder
 
     print(f"# squash vs centre crop on {args.dataset} ({args.classes} classes); {machine()}")
     src = DATA / args.dataset
@@ -301,7 +301,7 @@ def conventions(args) -> None:
             x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
             size = rng.choice([192, 224, 256])
             crops.append((ids, img.crop((x0, y0, x0 + cw, y0 + ch)).resize((size, size), Image.Resampling.BILINEAR)))
-    from metad2a_cli import efficientnet
+    from metad2a_cli.data import efficientnet
 
     model = efficientnet.load_pretrained()
     same_forward = efficientnet.ConvAct.forward

@@ -32,10 +32,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metad2a_cli.trainer import FitSettings, FitState, Reporter, Trainer, cosine_lr, crop_and_flip
-from metad2a_cli.fitdata import LabeledImages
-from metad2a_cli.network import Network
-from metad2a_cli.space import Cell
+from metad2a_cli.nb201.cells import Cell
+from metad2a_cli.nb201.network import Network
+from metad2a_cli.training.fitdata import LabeledImages
+from metad2a_cli.training.trainer import (
+    FitSettings,
+    FitState,
+    Reporter,
+    Trainer,
+    cosine_lr,
+    crop_and_flip,
+)
 
 RESNET = "|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|"
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from metad2a_cli.proxy import ProxySchedule, train_cells
-from metad2a_cli.space import Cell
+from metad2a_cli.nb201.cells import Cell
+from metad2a_cli.training.proxy import ProxySchedule, train_cells
 
 
 def main() -> None:

@@ -40,9 +40,9 @@ def median_time(fn, repeats: int) -> float:
 def random_checkpoint(folder: Path) -> Path:
     import torch
 
-    from metad2a_cli import encoder
-    from metad2a_cli.checkpoint import save_models
-    from metad2a_cli.models import CellGenerator, MetaPredictor
+    from metad2a_cli.data import encoder
+    from metad2a_cli.meta.checkpoint import save_models
+    from metad2a_cli.meta.models import CellGenerator, MetaPredictor
 
     torch.manual_seed(0)
     save_models(folder, CellGenerator(), MetaPredictor(),
@@ -75,8 +75,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    from metad2a_cli.search import SearchModel
-    from metad2a_cli.weights import load_checkpoint_config
+    from metad2a_cli.meta.search import SearchModel
+    from metad2a_cli.meta.weights import load_checkpoint_config
 
     tmp = Path(tempfile.mkdtemp())
     env = dict(os.environ, METAD2A_CACHE=str(tmp / "cache"))

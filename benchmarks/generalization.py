@@ -24,15 +24,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metad2a_cli.db import BuildSettings, Database, load_task_images, normalise_task, draw_tasks
-from metad2a_cli.features import encode_folder
-from metad2a_cli.images import read_image_folder
-from metad2a_cli.network import Network, NetworkConfig
-from metad2a_cli.proxy import ProxySchedule, train_cells
-from metad2a_cli.search import SearchModel
-from metad2a_cli.space import RESNET_CELL, Cell
-from metad2a_cli.train import spearman
-from metad2a_cli.weights import load_checkpoint_config
+from metad2a_cli.data.features import encode_folder
+from metad2a_cli.data.images import read_image_folder
+from metad2a_cli.meta.db import (
+    BuildSettings,
+    Database,
+    draw_tasks,
+    load_task_images,
+    normalise_task,
+)
+from metad2a_cli.meta.search import SearchModel
+from metad2a_cli.meta.train import spearman
+from metad2a_cli.meta.weights import load_checkpoint_config
+from metad2a_cli.nb201.cells import RESNET_CELL, Cell
+from metad2a_cli.nb201.network import Network, NetworkConfig
+from metad2a_cli.training.proxy import ProxySchedule, train_cells
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
 

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metad2a_cli.proxy import ProxySchedule, train_cells
-from metad2a_cli.space import Cell
-from metad2a_cli.train import spearman
+from metad2a_cli.meta.train import spearman
+from metad2a_cli.nb201.cells import Cell
+from metad2a_cli.training.proxy import ProxySchedule, train_cells
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "calibration"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from metad2a_cli.cli import run
-from metad2a_cli.space import Cell
+from metad2a_cli.nb201.cells import Cell
 
 RESNET = "|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|"
 BIN = Path(sys.executable).parent

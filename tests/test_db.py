@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metad2a_cli.db import BuildSettings, Database, build, draw_tasks, parse_shard
+from metad2a_cli.data.images import read_image_folder
 from metad2a_cli.errors import UserError
-from metad2a_cli.images import read_image_folder
-from metad2a_cli.proxy import ProxySchedule
+from metad2a_cli.meta.db import BuildSettings, Database, build, draw_tasks, parse_shard
+from metad2a_cli.training.proxy import ProxySchedule
 
 TINY = ProxySchedule(channels=2, cells_per_stage=1, input_size=16, epochs=1, batch_size=16)
 

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from metad2a_cli import efficientnet as net
-from metad2a_cli import encoder as enc
+from metad2a_cli.data import efficientnet as net
+from metad2a_cli.data import encoder as enc
 from metad2a_cli.errors import UserError
 
 skimage_data = pytest.importorskip("skimage.data")

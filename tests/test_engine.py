@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from metad2a_cli import engine
-from metad2a_cli.graph import node_type_array, one_hot_graphs
-from metad2a_cli.models import CellGenerator, MetaPredictor, ModelSizes
-from metad2a_cli.space import all_cells
+from metad2a_cli.meta import engine
+from metad2a_cli.meta.models import CellGenerator, MetaPredictor, ModelSizes
+from metad2a_cli.nb201.cells import all_cells
+from metad2a_cli.nb201.graph import node_type_array, one_hot_graphs
 
 SIZES = ModelSizes(feature_dim=24, hidden=16, latent=12, heads=4)
 

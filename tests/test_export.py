@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from metad2a_cli import export as export_mod
 from metad2a_cli.errors import UserError
-from metad2a_cli.export import ExportCheckError, build_network, export_network
-from metad2a_cli.network import NetworkConfig
-from metad2a_cli.space import Cell
+from metad2a_cli.nb201 import export as export_mod
+from metad2a_cli.nb201.cells import Cell
+from metad2a_cli.nb201.export import ExportCheckError, build_network, export_network
+from metad2a_cli.nb201.network import NetworkConfig
 
 CELL = Cell.parse("|nor_conv_3x3~0|+|avg_pool_3x3~0|nor_conv_1x1~1|+|skip_connect~0|none~1|nor_conv_3x3~2|")
 # Small shapes keep the exporter quick; odd sizes exercise the reduction blocks' padding.

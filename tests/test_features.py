@@ -11,12 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
-from metad2a_cli import features as feat
 from metad2a_cli.cli import run
-from metad2a_cli.encoder import FEATURE_DIM, ImageEncoder
+from metad2a_cli.data import features as feat
+from metad2a_cli.data.encoder import FEATURE_DIM, ImageEncoder
+from metad2a_cli.data.features import (
+    DatasetFeatures,
+    FeatureCache,
+    encode_folder,
+    encode_images,
+)
+from metad2a_cli.data.images import CORRUPT, NOT_IMAGE, read_image_folder
 from metad2a_cli.errors import UserError
-from metad2a_cli.features import DatasetFeatures, FeatureCache, encode_folder, encode_images
-from metad2a_cli.images import CORRUPT, NOT_IMAGE, read_image_folder
 
 RES = 32  # the smallest resolution the encoder takes: these tests check plumbing, not features
 

@@ -9,10 +9,13 @@ import torch
 from PIL import Image
 
 from metad2a_cli import cli
-from metad2a_cli import trainer as trainer_mod
+from metad2a_cli.data.images import read_image_folder
 from metad2a_cli.errors import UserError
-from metad2a_cli.export import ExportCheckError
-from metad2a_cli.fit import (
+from metad2a_cli.meta.runs import save_run
+from metad2a_cli.nb201.cells import Cell
+from metad2a_cli.nb201.export import ExportCheckError
+from metad2a_cli.training import trainer as trainer_mod
+from metad2a_cli.training.fit import (
     BEST,
     CONFUSION_PNG,
     CURVES_PNG,
@@ -25,11 +28,8 @@ from metad2a_cli.fit import (
     resume_fit,
     start_fit,
 )
-from metad2a_cli.fitdata import split_and_decode
-from metad2a_cli.images import read_image_folder
-from metad2a_cli.runs import save_run
-from metad2a_cli.space import Cell
-from metad2a_cli.trainer import FitSettings, Reporter, crop_and_flip
+from metad2a_cli.training.fitdata import split_and_decode
+from metad2a_cli.training.trainer import FitSettings, Reporter, crop_and_flip
 
 CELL = str(Cell.from_any("1462"))
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 40), "blue": (40, 40, 200)}

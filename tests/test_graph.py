@@ -1,6 +1,7 @@
 import torch
 
-from metad2a_cli.graph import (
+from metad2a_cli.nb201.cells import Cell, all_cells
+from metad2a_cli.nb201.graph import (
     ADJACENCY,
     INPUT_TYPE,
     NUM_NODE_TYPES,
@@ -10,7 +11,6 @@ from metad2a_cli.graph import (
     node_types,
     one_hot_graphs,
 )
-from metad2a_cli.space import Cell, all_cells
 
 
 def test_node_types_layout():

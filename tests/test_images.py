@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metad2a_cli.errors import UserError
-from metad2a_cli.images import (
+from metad2a_cli.data.images import (
     BROKEN_LINK,
     CORRUPT,
     DUPLICATE,
@@ -35,6 +34,7 @@ from metad2a_cli.images import (
     sample_per_class,
     summarize,
 )
+from metad2a_cli.errors import UserError
 
 
 def write_image(path: Path, size=(16, 12), color=(200, 30, 40), fmt: str | None = None, mode="RGB") -> Path:
@@ -367,7 +367,7 @@ def test_permission_denied(tmp_path):
 
 
 def test_summary_counts_by_reason():
-    from metad2a_cli.images import Skipped
+    from metad2a_cli.data.images import Skipped
 
     skipped = [Skipped(Path("a"), CORRUPT), Skipped(Path("b"), HIDDEN), Skipped(Path("c"), CORRUPT)]
     assert summarize(skipped) == f"3 skipped: 2 {CORRUPT}, 1 {HIDDEN}"

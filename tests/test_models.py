@@ -1,8 +1,8 @@
 import torch
 
-from metad2a_cli.graph import cells_from_node_types, one_hot_graphs
-from metad2a_cli.models import CellGenerator, MetaPredictor, ModelSizes
-from metad2a_cli.space import Cell, all_cells
+from metad2a_cli.meta.models import CellGenerator, MetaPredictor, ModelSizes
+from metad2a_cli.nb201.cells import Cell, all_cells
+from metad2a_cli.nb201.graph import cells_from_node_types, one_hot_graphs
 
 SIZES = ModelSizes(feature_dim=20, hidden=16, latent=12, heads=2)
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from metad2a_cli.cost import cell_cost
 from metad2a_cli.errors import UserError
-from metad2a_cli.network import Network, NetworkConfig, count_parameters
-from metad2a_cli.space import Cell, all_cells
+from metad2a_cli.nb201.cells import Cell, all_cells
+from metad2a_cli.nb201.cost import cell_cost
+from metad2a_cli.nb201.network import Network, NetworkConfig, count_parameters
 
 SMALLEST = Cell((0,) * 6)  # every edge 'none'
 LARGEST = Cell((3,) * 6)  # every edge 'nor_conv_3x3'

@@ -1,8 +1,8 @@
 import torch
 
-from metad2a_cli.network import Network, NetworkConfig
-from metad2a_cli.proxy import CellEnsemble, ProxySchedule, train_cells
-from metad2a_cli.space import Cell
+from metad2a_cli.nb201.cells import Cell
+from metad2a_cli.nb201.network import Network, NetworkConfig
+from metad2a_cli.training.proxy import CellEnsemble, ProxySchedule, train_cells
 
 CELLS = [
     Cell.parse("|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|"),

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from metad2a_cli.models import CellGenerator, MetaPredictor
-from metad2a_cli.search import MODEL_FILE, SearchModel
-from metad2a_cli.sizes import ModelSizes
-from metad2a_cli.space import NUM_CELLS, Cell
+from metad2a_cli.meta.models import CellGenerator, MetaPredictor
+from metad2a_cli.meta.search import MODEL_FILE, SearchModel
+from metad2a_cli.meta.sizes import ModelSizes
+from metad2a_cli.nb201.cells import NUM_CELLS, Cell
 
 SIZES = ModelSizes(feature_dim=32, hidden=16, latent=12, heads=4)
 

@@ -5,14 +5,14 @@ import pytest
 import torch
 from PIL import Image
 
-from metad2a_cli import encoder
-from metad2a_cli.checkpoint import load_models, save_models
 from metad2a_cli.cli import run
-from metad2a_cli.models import CellGenerator, MetaPredictor
-from metad2a_cli.runs import load_run
-from metad2a_cli.sizes import ModelSizes
-from metad2a_cli.space import Cell
-from metad2a_cli.weights import load_checkpoint_config
+from metad2a_cli.data import encoder
+from metad2a_cli.meta.checkpoint import load_models, save_models
+from metad2a_cli.meta.models import CellGenerator, MetaPredictor
+from metad2a_cli.meta.runs import load_run
+from metad2a_cli.meta.sizes import ModelSizes
+from metad2a_cli.meta.weights import load_checkpoint_config
+from metad2a_cli.nb201.cells import Cell
 
 SIZES = ModelSizes(feature_dim=1280, hidden=16, latent=12, heads=4)
 
@@ -41,7 +41,7 @@ def images(tmp_path_factory):
 
 
 def test_checkpoint_round_trip(checkpoint):
-    from metad2a_cli.weights import Checkpoint
+    from metad2a_cli.meta.weights import Checkpoint
 
     config = load_checkpoint_config(checkpoint)
     gen, pred = load_models(Checkpoint(checkpoint, config, "local"))
@@ -83,7 +83,7 @@ def test_search_refuses_another_encoder(tmp_path, images, capsys):
 
 
 def test_search_without_weights_says_how_to_get_them(images, capsys, monkeypatch, tmp_path):
-    from metad2a_cli import weights
+    from metad2a_cli.meta import weights
 
     monkeypatch.setattr(weights, "packaged_weights_dir", lambda: tmp_path / "none")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from metad2a_cli.space import EDGES, NUM_CELLS, OPS, Cell, CellError, all_cells
+from metad2a_cli.nb201.cells import EDGES, NUM_CELLS, OPS, Cell, CellError, all_cells
 
 RESNET = "|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|"
 CALIBRATION = Path(__file__).resolve().parents[2] / "shared/data/calibration/nb201_cifar10_subset200.csv"

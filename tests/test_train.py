@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from metad2a_cli import encoder
 from metad2a_cli.cli import run
-from metad2a_cli.db import FORMAT_VERSION, BuildSettings, Record, Task
+from metad2a_cli.data import encoder
 from metad2a_cli.errors import UserError
-from metad2a_cli.search import SearchModel
-from metad2a_cli.sizes import ModelSizes
-from metad2a_cli.space import Cell
-from metad2a_cli.train import TrainSettings, meta_train
-from metad2a_cli.weights import load_checkpoint_config
+from metad2a_cli.meta.db import FORMAT_VERSION, BuildSettings, Record, Task
+from metad2a_cli.meta.search import SearchModel
+from metad2a_cli.meta.sizes import ModelSizes
+from metad2a_cli.meta.train import TrainSettings, meta_train
+from metad2a_cli.meta.weights import load_checkpoint_config
+from metad2a_cli.nb201.cells import Cell
 
 SIZES = ModelSizes(feature_dim=1280, hidden=16, latent=12, heads=4)
 GOOD = Cell.parse("|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_3x3~2|")
@@ -105,7 +105,7 @@ def test_refusals(tmp_path, capsys):
 
 
 def test_database_found_by_name_from_a_clone(tmp_path, monkeypatch):
-    from metad2a_cli.train import resolve_database
+    from metad2a_cli.meta.train import resolve_database
 
     make_db(tmp_path / "databases" / "tiny")
     monkeypatch.chdir(tmp_path)

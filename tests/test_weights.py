@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hub_server import FakeHub
 from safetensors.numpy import save
 
-from metad2a_cli import weights
 from metad2a_cli.errors import UserError
-from metad2a_cli.weights import (
+from metad2a_cli.meta import weights
+from metad2a_cli.meta.weights import (
     DEFAULT_REPO,
     FORMAT_VERSION,
     UNREACHABLE_MESSAGE,
@@ -27,8 +28,6 @@ from metad2a_cli.weights import (
     resolve_weights,
     write_checkpoint,
 )
-
-from hub_server import FakeHub
 
 ENCODER = {"identity": "resnet18-imagenet", "resolution": 32, "feature_dim": 512}
 
@@ -254,7 +253,7 @@ def test_write_checkpoint_accepts_torch_tensors(tmp_path):
 
 def test_importing_weights_does_not_import_torch_or_the_hub_client():
     code = (
-        "import sys, metad2a_cli.weights as w; w.packaged_weights_dir();"
+        "import sys, metad2a_cli.meta.weights as w; w.packaged_weights_dir();"
         "print(sorted(m for m in ('torch', 'huggingface_hub') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -9,24 +9,24 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .errors import UserError
-from .space import EDGES, NUM_CELLS, OPS, Cell, CellError, all_cells
+from .nb201.cells import EDGES, NUM_CELLS, OPS, Cell, CellError, all_cells
 
 _LAZY = {
-    "Cost": "cost",
-    "cell_cost": "cost",
-    "Network": "network",
-    "NetworkConfig": "network",
-    "count_parameters": "network",
-    "build_network": "export",
-    "export_network": "export",
-    "ExportResult": "export",
-    "ExportCheckError": "export",
-    "node_types": "graph",
-    "one_hot_graphs": "graph",
-    "ADJACENCY": "graph",
+    "Cost": "nb201.cost",
+    "cell_cost": "nb201.cost",
+    "Network": "nb201.network",
+    "NetworkConfig": "nb201.network",
+    "count_parameters": "nb201.network",
+    "build_network": "nb201.export",
+    "export_network": "nb201.export",
+    "ExportResult": "nb201.export",
+    "ExportCheckError": "nb201.export",
+    "node_types": "nb201.graph",
+    "one_hot_graphs": "nb201.graph",
+    "ADJACENCY": "nb201.graph",
 }
 
 __all__ = ["EDGES", "NUM_CELLS", "OPS", "Cell", "CellError", "UserError", "all_cells", "__version__", *_LAZY]
@@ -39,7 +39,12 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:
-    from .cost import Cost, cell_cost
-    from .export import ExportCheckError, ExportResult, build_network, export_network
-    from .graph import ADJACENCY, node_types, one_hot_graphs
-    from .network import Network, NetworkConfig, count_parameters
+    from .nb201.cost import Cost, cell_cost
+    from .nb201.export import (
+        ExportCheckError,
+        ExportResult,
+        build_network,
+        export_network,
+    )
+    from .nb201.graph import ADJACENCY, node_types, one_hot_graphs
+    from .nb201.network import Network, NetworkConfig, count_parameters

@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from .. import __version__
+from .._version import __version__
 from ..errors import UserError
 from . import cell, db, encode, export, fit, search, train
 from .common import err_console

@@ -18,9 +18,9 @@ def cell(
 
     Example: metad2a cell '|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|'
     """
-    from ..cost import cell_cost
-    from ..network import NetworkConfig
-    from ..space import Cell
+    from ..nb201.cells import Cell
+    from ..nb201.cost import cell_cost
+    from ..nb201.network import NetworkConfig
 
     c = Cell.from_any(arch)
     config = NetworkConfig(num_classes, channels, cells, in_channels, tuple(input_size))

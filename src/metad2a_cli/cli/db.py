@@ -37,9 +37,10 @@ def build(
 
     Example: metad2a db build ./mydb -s ./data/caltech101 -s ./data/omniglot --tasks 50
     """
-    from ..db import BuildSettings, build as build_db, parse_shard
-    from ..encoder import resolve_device
-    from ..proxy import ProxySchedule
+    from ..data.encoder import resolve_device
+    from ..meta.db import BuildSettings, parse_shard
+    from ..meta.db import build as build_db
+    from ..training.proxy import ProxySchedule
 
     settings = BuildSettings(
         num_tasks=tasks,
@@ -53,7 +54,13 @@ def build(
     )
     dev = resolve_device(device)
     chunk = chunk or (16 if dev.type == "cuda" else 1)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     with Progress(
         TextColumn("training cells"), BarColumn(), MofNCompleteColumn(),
@@ -84,7 +91,7 @@ def info(
 
     Example: metad2a db info ./mydb --json
     """
-    from ..db import Database
+    from ..meta.db import Database
 
     data = Database(db).info()
     if as_json:
@@ -107,7 +114,7 @@ def merge(db: Path = typer.Argument(..., help="Database folder whose shard files
 
     Example: metad2a db merge ./mydb
     """
-    from ..db import Database
+    from ..meta.db import Database
 
     n = Database(db).merge()
     console.print(f"{n} records in {db / 'records.jsonl'}")

@@ -29,11 +29,17 @@ def encode(
     import warnings
 
     from PIL import Image
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from ..atomic import check_writable
-    from ..features import encode_folder
-    from ..images import summarize
+    from ..data.features import encode_folder
+    from ..data.images import summarize
 
     check_writable(output)
     # Oversized files are reported as skipped; PIL's own warning about them would repeat it.

@@ -35,10 +35,10 @@ def export(
       metad2a export --run last --rank 1 --format torch -o model.pt2
       metad2a export --from-fit runs/mine --format onnx -o mine.onnx
     """
-    from ..export import build_network, export_network
-    from ..network import NetworkConfig
-    from ..runs import load_run
-    from ..space import Cell
+    from ..meta.runs import load_run
+    from ..nb201.cells import Cell
+    from ..nb201.export import build_network, export_network
+    from ..nb201.network import NetworkConfig
 
     if sum(x is not None for x in (arch, run, from_fit)) != 1:
         raise UserError("give exactly one of --arch, --run or --from-fit")
@@ -76,7 +76,7 @@ def export(
 
 
 def _export_fitted(run_dir: Path, fmt: str, output: Path, as_json: bool) -> None:
-    from ..fit import export_fitted
+    from ..training.fit import export_fitted
 
     with err_console.status(f"Exporting {fmt} and checking it on the validation images..."):
         result = export_fitted(run_dir, fmt, output)

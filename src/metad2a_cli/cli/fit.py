@@ -42,9 +42,9 @@ def fit(
       metad2a fit ./my_images --arch 1462 --epochs 50 -o runs/resnet
       metad2a fit --resume -o runs/mine
     """
-    from ..fit import resume_fit, start_fit
-    from ..trainer import FitSettings
-    from ..images import summarize
+    from ..data.images import summarize
+    from ..training.fit import resume_fit, start_fit
+    from ..training.trainer import FitSettings
 
     settings_given = {
         "epochs": epochs, "channels": channels, "cells_per_stage": cells, "lr": lr,
@@ -84,8 +84,8 @@ def fit(
 
 def _chosen_cell(arch: str | None, run: str | None, rank: int) -> tuple[str, dict]:
     """The cell to train and where it came from (a search run's classes, for start_fit's check)."""
-    from ..runs import load_run
-    from ..space import Cell
+    from ..meta.runs import load_run
+    from ..nb201.cells import Cell
 
     if arch is not None and run is not None:
         raise UserError("give --arch or --run, not both")

@@ -28,11 +28,11 @@ def search(
 
     Example: metad2a search ./my_images --top-k 5
     """
-    from ..features import encode_folder
-    from ..images import summarize
-    from ..runs import save_run
-    from ..search import SearchModel
-    from ..weights import check_encoder, resolve_weights
+    from ..data.features import encode_folder
+    from ..data.images import summarize
+    from ..meta.runs import save_run
+    from ..meta.search import SearchModel
+    from ..meta.weights import check_encoder, resolve_weights
 
     t0 = time.perf_counter()
     ckpt = resolve_weights(weights, log=lambda line: err_console.print(line, highlight=False))

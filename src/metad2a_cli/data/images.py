@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 # PIL format names tried when opening, whatever the file's extension says. "JPEG" also
 # opens the multi-picture JPEGs (MPO) many cameras write; "PPM" covers pgm and pbm too.

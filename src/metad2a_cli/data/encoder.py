@@ -16,21 +16,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
+from .lite0 import ARCH, FEATURE_DIM, WEIGHTS_SHA256
 
 if TYPE_CHECKING:
     import torch
 
     from .efficientnet import EfficientNetLite0
 
-ARCH = "efficientnet_lite0"
-FEATURE_DIM = 1280
 # Chosen by measurement on this project's held-out sets: docs/encoder.md.
 DEFAULT_RESOLUTION = 96
 # The database's images are at most 64 px on their longer side. Larger images are shrunk
 # to that first, so a user's photo and a database image are seen alike (docs/encoder.md).
 SOURCE_SIDE = 64
-WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
 
 def identity(resolution: int = DEFAULT_RESOLUTION, max_side: int | None = SOURCE_SIDE) -> str:

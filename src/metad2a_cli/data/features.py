@@ -26,11 +26,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_paths, check_writable
+from ..atomic import atomic_paths, check_writable
+from ..errors import UserError
+from ..paths import cache_dir
 from .encoder import DEFAULT_RESOLUTION, FEATURE_DIM, ImageEncoder
-from .errors import UserError
-from .images import EMPTY, BadImage, ImageFolder, Skipped, load_rgb, read_image_folder, sample_order
-from .paths import cache_dir
+from .images import (
+    EMPTY,
+    BadImage,
+    ImageFolder,
+    Skipped,
+    load_rgb,
+    read_image_folder,
+    sample_order,
+)
 
 FILE_FORMAT = "metad2a-features/1"
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .space import EDGES, OPS, Cell
+from ..nb201.cells import EDGES, OPS, Cell
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .space import Cell
+from .cells import Cell
 
 _KERNEL = {"nor_conv_1x1": 1, "nor_conv_3x3": 3}
 

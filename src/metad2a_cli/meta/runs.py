@@ -12,10 +12,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import atomic_paths
-from .errors import UserError
-from .paths import runs_dir
-from .space import Cell
+from ..atomic import atomic_paths
+from ..errors import UserError
+from ..nb201.cells import Cell
+from ..paths import runs_dir
 
 LAST = "last"
 

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
+from ..nb201.cells import Cell
+from ..nb201.graph import one_hot_graphs
 from .db import Database
-from .errors import UserError
-from .graph import one_hot_graphs
 from .models import CellGenerator, MetaPredictor
 from .sizes import ModelSizes
-from .space import Cell
 
 STATE_FILE = "train_state.safetensors"
 STATE_JSON = "train_state.json"
@@ -226,7 +226,7 @@ class MetaTrainer:
         """Everything to continue exactly: weights, optimiser moments, RNG states, history."""
         from safetensors.torch import save_file
 
-        from .atomic import atomic_paths
+        from ..atomic import atomic_paths
 
         tensors: dict[str, torch.Tensor] = {}
         for name, module in (("generator", self.generator), ("predictor", self.predictor)):
@@ -295,14 +295,14 @@ class MetaTrainer:
 
 def resolve_database(name_or_path: str) -> Path:
     """A database folder, or the name of one shipped in the repository (e.g. ``nb201``)."""
-    from .paths import cache_dir
+    from ..paths import cache_dir
 
     path = Path(name_or_path)
     if (path / "manifest.json").is_file():
         return path
     if "/" not in name_or_path:
         # A clone's databases/ (from its root, or beside an editable install), then the cache.
-        roots = (Path.cwd() / "databases", Path(__file__).resolve().parents[2] / "databases", cache_dir() / "databases")
+        roots = (Path.cwd() / "databases", Path(__file__).resolve().parents[3] / "databases", cache_dir() / "databases")
         for root in roots:
             if (root / name_or_path / "manifest.json").is_file():
                 return root / name_or_path
@@ -310,7 +310,7 @@ def resolve_database(name_or_path: str) -> Path:
 
 
 def check_database_encoder(db: Database) -> dict:
-    from . import encoder
+    from ..data import encoder
 
     enc = db.manifest["encoder"]
     ours = encoder.identity(int(enc["resolution"]))

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_paths
+from ..errors import UserError
+from ..nb201.cells import NUM_CELLS, Cell
+from ..nb201.cost import cell_cost
+from ..nb201.graph import node_type_array
+from ..paths import cache_dir
 from . import engine
-from .atomic import atomic_paths
-from .cost import cell_cost
-from .errors import UserError
-from .graph import node_type_array
-from .paths import cache_dir
 from .sizes import ModelSizes
-from .space import NUM_CELLS, Cell
 
 MODEL_FILE = "model.safetensors"
 SAMPLE_BATCH = 1000

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
-from .atomic import atomic_paths, check_writable
-from .errors import UserError
+from .._version import __version__
+from ..atomic import atomic_paths, check_writable
+from ..errors import UserError
+from .cells import Cell
 from .network import Network, NetworkConfig
-from .space import Cell
 
 FORMATS = ("onnx", "torch")
 ONNX_OPSET = 18

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_paths
+from ..atomic import atomic_paths
 
 MAX_LABELLED_CLASSES = 40  # beyond this, tick labels overlap into a grey smear
 

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
+from ..nb201.cells import Cell
+from ..nb201.network import Network, NetworkConfig, count_parameters
 from .fitdata import LabeledImages
-from .network import Network, NetworkConfig, count_parameters
-from .space import Cell
 
 MAX_DEFAULT_BATCH = 256
 MIN_DEFAULT_BATCH = 16

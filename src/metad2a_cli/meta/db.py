@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_paths
-from .errors import UserError
-from .proxy import ProxySchedule
-from .space import Cell
+from ..atomic import atomic_paths
+from ..errors import UserError
+from ..nb201.cells import Cell
+from ..training.proxy import ProxySchedule
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -118,7 +118,7 @@ def draw_cells(rng: np.random.Generator, n: int) -> list[Cell]:
 
 def draw_tasks(folders: dict, settings: BuildSettings) -> list[Task]:
     """Tasks from ``folders`` ({source name: ImageFolder}); the same seed, the same tasks."""
-    from .images import sample_order
+    from ..data.images import sample_order
 
     names = sorted(folders)
     usable = {n: [i for i, files in enumerate(folders[n].files) if len(files) >= 8] for n in names}
@@ -323,7 +323,7 @@ class Database:
 def load_task_images(root: Path, files: list[list[str]], size: int):
     import torch
 
-    from .images import BadImage, load_rgb
+    from ..data.images import BadImage, load_rgb
 
     xs, ys = [], []
     for label, class_files in enumerate(files):
@@ -359,10 +359,10 @@ def build(
     """Build (or resume) a database; returns the number of records written in this run."""
     from safetensors.numpy import save_file
 
-    from .encoder import DEFAULT_RESOLUTION, ImageEncoder
-    from .features import encode_images
-    from .images import read_image_folder
-    from .proxy import train_cells
+    from ..data.encoder import DEFAULT_RESOLUTION, ImageEncoder
+    from ..data.features import encode_images
+    from ..data.images import read_image_folder
+    from ..training.proxy import train_cells
 
     resolution = resolution or DEFAULT_RESOLUTION
     folders = {}

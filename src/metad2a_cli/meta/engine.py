@@ -12,7 +12,13 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .graph import INPUT_TYPE, NUM_NODE_TYPES, NUM_NODES, PREDECESSORS, SUCCESSORS
+from ..nb201.graph import (
+    INPUT_TYPE,
+    NUM_NODE_TYPES,
+    NUM_NODES,
+    PREDECESSORS,
+    SUCCESSORS,
+)
 
 Weights = Mapping[str, np.ndarray]
 

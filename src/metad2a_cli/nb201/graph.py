@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .space import EDGES, OPS, Cell
+from .cells import EDGES, OPS, Cell
 
 if TYPE_CHECKING:
     import torch

@@ -13,11 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph import INPUT_TYPE, NUM_NODE_TYPES, NUM_NODES, OUTPUT_TYPE, PREDECESSORS
+from ...nb201.graph import (
+    INPUT_TYPE,
+    NUM_NODE_TYPES,
+    NUM_NODES,
+    OUTPUT_TYPE,
+    PREDECESSORS,
+)
+from ..sizes import ModelSizes
 from .dag_gru import GatedMessage
 from .set_encoder import SetEncoder
-from ..sizes import ModelSizes
-
 
 
 class CellGenerator(nn.Module):

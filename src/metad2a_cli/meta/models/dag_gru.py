@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..graph import NUM_NODE_TYPES, NUM_NODES, PREDECESSORS, SUCCESSORS
+from ...nb201.graph import NUM_NODE_TYPES, NUM_NODES, PREDECESSORS, SUCCESSORS
 
 
 class GatedMessage(nn.Module):

@@ -82,7 +82,7 @@ def render(config: dict[str, Any], generalization: dict[str, Any] | None = None)
 
 
 def write(folder: Path, config: dict[str, Any], generalization: dict[str, Any] | None = None) -> Path:
-    from .atomic import atomic_paths
+    from ..atomic import atomic_paths
 
     path = Path(folder) / "README.md"
     with atomic_paths(path) as (tmp,):

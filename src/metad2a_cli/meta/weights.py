@@ -22,8 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_paths
-from .errors import UserError
+from ..atomic import atomic_paths
+from ..errors import UserError
 
 FORMAT_VERSION = 1
 DEFAULT_REPO = "metad2a/metad2a-nb201"
@@ -258,7 +258,7 @@ def packaged_weights_dir() -> Path:
         return Path(str(shipped)) / PACKAGED_CHECKPOINT
     # A source checkout (or an editable install made before weights/ was mapped into the
     # package) has the folder at the top of the repository instead.
-    return Path(__file__).resolve().parents[2] / "weights" / PACKAGED_CHECKPOINT
+    return Path(__file__).resolve().parents[3] / "weights" / PACKAGED_CHECKPOINT
 
 
 def resolve_weights(spec: str | None, *, log: Callable[[str], None] = lambda line: None) -> Checkpoint:
@@ -441,7 +441,11 @@ def _probe_hub(ref: HubRef, settings: HubSettings) -> str | None:
     """
     import httpx2  # huggingface_hub 2.x talks HTTP through httpx2
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+    )
 
     url = hf_hub_url(ref.repo_id, CONFIG_NAME, revision=ref.revision, endpoint=settings.endpoint)
     try:
@@ -469,7 +473,11 @@ def _hub_file(ref: HubRef, filename: str, revision: str, settings: HubSettings, 
     """hf_hub_download one file into the cache (or find it there when offline)."""
     import httpx2
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+    )
 
     try:
         return Path(
