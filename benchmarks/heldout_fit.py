@@ -1,0 +1,176 @@
+"""What a user gets: the search's picks, fitted on held-out sets, against the cells a user
+would guess without us and a fixed panel of random cells.
+
+For gtsrb and fashion_mnist (never in a meta-training database) this trains, with
+`metad2a fit`'s default recipe, a fixed epoch count and seed, on a fixed subsample:
+
+- the panel: NAS-Bench-201's ResNet cell (11472), the largest cell (all 3x3
+  convolutions) and 20 random cells (seeded, uniform over the 15,625);
+- the search's top-5 for the given weights (`metad2a search ROOT --top-k 5`).
+
+Every fit's result is kept in a JSON file keyed by (set, cell, recipe), so the panel is
+trained once and new weights only need their own picks trained. The report gives each
+pick's best validation accuracy, its rank among all trained cells of the set and its
+regret against the best of them.
+
+    python benchmarks/heldout_fit.py --results docs/heldout_fits.json             # panel + picks
+    python benchmarks/heldout_fit.py --panel-only --results docs/heldout_fits.json
+    python benchmarks/heldout_fit.py --weights weights/nb201 --report docs/heldout_eval.json
+
+Runs the CLI in subprocesses, as a user would; `--device` defaults to the CPU, so the
+figures of a panel and of later picks come from the same kind of machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGES = REPO / ".." / "shared" / "data" / "images"
+RESNET = "|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|"
+LARGEST = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_3x3~0|nor_conv_3x3~1|nor_conv_3x3~2|"
+# set -> images per class in the subsample (train + validation)
+SETS = {"fashion_mnist": 200, "gtsrb": 100}
+EPOCHS = 10
+PANEL_RANDOM = 20
+PANEL_SEED = 2026
+
+
+def metad2a(*args: str, device_env: dict | None = None) -> dict:
+    env = dict(os.environ, **(device_env or {}))
+    out = subprocess.run(
+        [sys.executable, "-m", "metad2a_cli", *args, "--json"], check=True, stdout=subprocess.PIPE, text=True, env=env
+    )
+    return json.loads(out.stdout)
+
+
+def subsample_list(name: str, per_class: int, seed: int, folder: Path) -> Path:
+    """A CSV list of ``per_class`` images of each class, drawn with ``seed``; written once."""
+    root = (IMAGES / name).resolve()
+    path = folder / f"{name}-{per_class}-seed{seed}.csv"
+    if path.is_file():
+        return path
+    rows = ["path,label"]
+    for cls in sorted(p.name for p in root.iterdir() if p.is_dir()):
+        files = sorted(f.name for f in (root / cls).iterdir() if f.is_file())
+        random.Random(f"{seed}/{name}/{cls}").shuffle(files)
+        rows += [f"{root / cls / f},{cls}" for f in files[:per_class]]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def panel_cells() -> list[tuple[str, str]]:
+    from metad2a_cli import Cell
+
+    rng = random.Random(PANEL_SEED)
+    chosen = [("ResNet cell", RESNET), ("largest cell", LARGEST)]
+    seen = {RESNET, LARGEST}
+    while len(chosen) < 2 + PANEL_RANDOM:
+        cell = str(Cell.from_index(rng.randrange(15625)))
+        if cell not in seen:
+            seen.add(cell)
+            chosen.append((f"random {len(chosen) - 1}", cell))
+    return chosen
+
+
+def recipe_key(epochs: int, seed: int, per_class: int) -> str:
+    return f"fit-default/epochs{epochs}/seed{seed}/{per_class}-per-class"
+
+
+def load_results(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def fit_cell(results: list[dict], results_path: Path, name: str, cell: str, args, listing: Path, tmp: str) -> dict:
+    key = recipe_key(args.epochs, args.seed, SETS[name])
+    for r in results:
+        if r["set"] == name and r["cell"] == cell and r["recipe"] == key:
+            return r
+    t0 = time.perf_counter()
+    summary = metad2a(
+        "fit", str(listing), "--arch", cell, "--epochs", str(args.epochs), "--seed", str(args.seed),
+        "--device", args.device, "-o", f"{tmp}/{name}-{len(results)}",
+    )
+    entry = {
+        "set": name, "cell": cell, "recipe": key, "best_val_acc": summary["best_val_acc"],
+        "best_epoch": summary["best_epoch"], "num_train": summary["num_train"], "num_val": summary["num_val"],
+        "seconds": round(time.perf_counter() - t0, 1), "device": args.device,
+    }
+    results.append(entry)
+    results_path.write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(entry), flush=True)
+    return entry
+
+
+def report(results: list[dict], name: str, picks: list[str], key: str) -> dict:
+    trained = {r["cell"]: r["best_val_acc"] for r in results if r["set"] == name and r["recipe"] == key}
+    panel = dict(panel_cells())
+    ordered = sorted(trained.values(), reverse=True)
+    best = ordered[0]
+
+    def rank(acc: float) -> int:
+        return 1 + sum(1 for a in ordered if a > acc)
+
+    random_accs = [trained[c] for w, c in panel.items() if w.startswith("random") and c in trained]
+    out = {
+        "set": name, "recipe": key, "cells_trained": len(trained), "best_trained": best,
+        "resnet": trained.get(RESNET), "largest": trained.get(LARGEST),
+        "random_panel": {"n": len(random_accs), "best": max(random_accs, default=None),
+                         "median": sorted(random_accs)[len(random_accs) // 2] if random_accs else None},
+        "picks": [{"rank_in_search": i + 1, "cell": c, "best_val_acc": trained.get(c),
+                   "rank_among_trained": rank(trained[c]) if c in trained else None,
+                   "regret": round(best - trained[c], 2) if c in trained else None} for i, c in enumerate(picks)],
+    }
+    if picks and picks[0] in trained and out["resnet"] is not None and out["largest"] is not None:
+        top1, top5 = trained[picks[0]], max(trained[c] for c in picks if c in trained)
+        out["criterion"] = {
+            "top1": top1, "guess": max(out["resnet"], out["largest"]),
+            "top1_ok": top1 >= max(out["resnet"], out["largest"]) - 1.0,
+            "top5_best": top5, "top5_ok": out["random_panel"]["best"] is not None and top5 >= out["random_panel"]["best"],
+        }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sets", nargs="+", default=list(SETS))
+    ap.add_argument("--weights", default=None, help="weights whose picks are fitted (default: the packaged ones)")
+    ap.add_argument("--panel-only", action="store_true")
+    ap.add_argument("--epochs", type=int, default=EPOCHS)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--results", type=Path, default=REPO / "docs" / "heldout_fits.json")
+    ap.add_argument("--report", type=Path, default=None)
+    args = ap.parse_args()
+    results = load_results(args.results)
+    reports = []
+    with tempfile.TemporaryDirectory() as tmp:
+        lists = Path(tmp)
+        for name in args.sets:
+            listing = subsample_list(name, SETS[name], args.seed, lists)
+            picks: list[str] = []
+            if not args.panel_only:
+                search = ["search", str((IMAGES / name).resolve()), "--top-k", "5", "--seed", str(args.seed)]
+                if args.weights:
+                    search += ["--weights", args.weights]
+                picks = [r["cell"] for r in metad2a(*search)["ranking"]]
+                for cell in picks:
+                    fit_cell(results, args.results, name, cell, args, listing, tmp)
+            for _, cell in panel_cells():
+                fit_cell(results, args.results, name, cell, args, listing, tmp)
+            reports.append(report(results, name, picks, recipe_key(args.epochs, args.seed, SETS[name])))
+            print(json.dumps(reports[-1], indent=1), flush=True)
+    if args.report:
+        args.report.write_text(json.dumps({"weights": args.weights or "packaged", "sets": reports}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
