@@ -13,9 +13,9 @@ from PIL import Image
 from metad2a_cli.data.images import read_image_folder
 from metad2a_cli.errors import UserError
 from metad2a_cli.meta.db import BuildSettings, Database, build, draw_tasks, parse_shard
-from metad2a_cli.training.proxy import ProxySchedule
+from metad2a_cli.training.schedule import LabelSchedule
 
-TINY = ProxySchedule(channels=2, cells_per_stage=1, input_size=16, epochs=1, batch_size=16)
+TINY = LabelSchedule(epochs=1, channels=2, cells_per_stage=1, input_size=16)
 
 
 def make_source(root: Path, name: str, classes: int = 5, per_class: int = 8, seed: int = 0) -> Path:
@@ -120,7 +120,7 @@ def test_killed_builder_resumes_without_duplicates(sources, tmp_path):
     db_path = tmp_path / "db"
     args = [sys.executable, "-m", "metad2a_cli", "db", "build", str(db_path), "--tasks", "6",
             "--cells-per-task", "3", "--min-classes", "3", "--max-classes", "5", "--images-per-class", "8",
-            "--features-per-class", "4", "--proxy-channels", "2", "--proxy-epochs", "2", "--device", "cpu"]
+            "--features-per-class", "4", "--epochs", "1", "--device", "cpu"]
     for s in sources:
         args += ["-s", str(s)]
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -29,7 +29,8 @@ from metad2a_cli.training.fit import (
     start_fit,
 )
 from metad2a_cli.training.fitdata import split_and_decode
-from metad2a_cli.training.trainer import FitSettings, Reporter, crop_and_flip
+from metad2a_cli.training.recipe import crop_and_flip
+from metad2a_cli.training.trainer import FitSettings, Reporter
 
 CELL = str(Cell.from_any("1462"))
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 40), "blue": (40, 40, 200)}
@@ -289,10 +290,10 @@ def test_no_free_disk(images, tmp_path, monkeypatch):
 def test_out_of_memory_halves_the_batch_and_goes_on(images, tmp_path, monkeypatch):
     real = trainer_mod.Trainer.train_step
 
-    def train_step(self, images, labels, lr):
+    def train_step(self, images, labels):
         if len(labels) > 8:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(self, images, labels, lr)
+        return real(self, images, labels)
 
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", train_step)
     notes = StopAfter()
@@ -306,7 +307,7 @@ def test_out_of_memory_halves_the_batch_and_goes_on(images, tmp_path, monkeypatc
 
 
 def test_out_of_memory_at_the_smallest_batch_is_an_error(images, tmp_path, monkeypatch):
-    def train_step(self, images, labels, lr):
+    def train_step(self, images, labels):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", train_step)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import typer
 
+from ..training.schedule import LabelSchedule
 from .common import console, err_console, print_json
 
 app = typer.Typer(
@@ -22,15 +23,14 @@ def build(
     max_classes: int = typer.Option(20, "--max-classes", help="Most classes in a task."),
     images_per_class: int = typer.Option(100, "--images-per-class", help="Train + validation images per class."),
     features_per_class: int = typer.Option(30, "--features-per-class", help="Encoder features stored per class."),
-    proxy_channels: int = typer.Option(8, "--proxy-channels", help="Proxy network width C."),
-    proxy_epochs: int = typer.Option(3, "--proxy-epochs", help="Proxy training epochs."),
-    proxy_size: int = typer.Option(16, "--proxy-size", help="Proxy input resolution."),
+    epochs: int = typer.Option(LabelSchedule.epochs, "--epochs", help="Epochs of each cell's fit (the label's budget)."),
     seed: int = typer.Option(0, "--seed", help="Seeds the tasks, the cells and the training."),
     shard: str = typer.Option("0/1", "--shard", help="i/n: this builder trains every n-th task from the i-th."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    chunk: int = typer.Option(0, "--chunk", help="Cells trained together (0: 1 on CPU, 16 on GPU)."),
+    chunk: int = typer.Option(0, "--chunk", help="Cells trained together (0: 1 on CPU, 32 on GPU)."),
 ) -> None:
-    """Draw tasks from image collections and train NB201 cells on them with a cheap proxy.
+    """Draw tasks from image collections and fit NB201 cells on them: each record is the
+    validation accuracy `metad2a fit --epochs EPOCHS` would report for the cell on the task.
 
     Safe to interrupt: run the same command again to resume. Builders on different
     --shard values can share a folder; `metad2a db merge` joins their records.
@@ -40,7 +40,6 @@ def build(
     from ..data.encoder import resolve_device
     from ..meta.db import BuildSettings, parse_shard
     from ..meta.db import build as build_db
-    from ..training.proxy import ProxySchedule
 
     settings = BuildSettings(
         num_tasks=tasks,
@@ -50,10 +49,10 @@ def build(
         features_per_class=features_per_class,
         cells_per_task=cells_per_task,
         seed=seed,
-        schedule=ProxySchedule(channels=proxy_channels, epochs=proxy_epochs, input_size=proxy_size),
+        schedule=LabelSchedule(epochs=epochs),
     )
     dev = resolve_device(device)
-    chunk = chunk or (16 if dev.type == "cuda" else 1)
+    chunk = chunk or (32 if dev.type == "cuda" else 1)
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,

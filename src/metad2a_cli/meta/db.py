@@ -5,9 +5,10 @@ A database is a folder:
     manifest.json            format, encoder identity, proxy schedule, sources + hashes, seed
     tasks.json               every task: source, classes, train/validation files
     features/<source>.safetensors   per class (n, 1280) float16 features, ``class.<i>``
-    records-<i>of<n>.jsonl   one line per trained (task, cell): accuracy, seconds
+    records-<i>of<n>.jsonl   one line per trained (task, cell): accuracy, curve, seconds, device
 
-Records are appended and fsynced a line at a time, so killing a builder loses at most the
+A record's accuracy is what ``metad2a fit`` would report for the cell on the task with
+the manifest's label schedule (``training.labels``). Records are appended and fsynced a line at a time, so killing a builder loses at most the
 cells in flight, and running the same command again skips every (task, cell) already
 recorded. Builders of different shards (``--shard i/n``) write different files; a second
 builder of the same shard is refused by a lock. ``merge`` joins the shard files.
@@ -30,9 +31,10 @@ import numpy as np
 from ..atomic import atomic_paths
 from ..errors import UserError
 from ..nb201.cells import Cell
-from ..training.proxy import ProxySchedule
+from ..training.schedule import LabelSchedule
 
-FORMAT_VERSION = 1
+# 2: labels are shortened fits of the full network (1: a shrunken proxy network's).
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 TASKS = "tasks.json"
 MERGED = "records.jsonl"
@@ -53,7 +55,7 @@ class BuildSettings:
     features_per_class: int = 30  # stored features per class (a search samples 20)
     cells_per_task: int = 10
     seed: int = 0
-    schedule: ProxySchedule = field(default_factory=ProxySchedule)
+    schedule: LabelSchedule = field(default_factory=LabelSchedule)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -63,7 +65,7 @@ class BuildSettings:
     @classmethod
     def from_dict(cls, d: dict) -> BuildSettings:
         d = dict(d)
-        d["schedule"] = ProxySchedule.from_dict(d["schedule"])
+        d["schedule"] = LabelSchedule.from_dict(d["schedule"])
         return cls(**d)
 
 
@@ -81,8 +83,11 @@ class Task:
 class Record:
     task: str
     cell: str
-    accuracy: float
-    seconds: float
+    accuracy: float  # best validation accuracy (%), as fit reports it
+    seconds: float  # training time per cell (cells of a chunk train together)
+    best_epoch: int | None = None
+    curve: list[float] | None = None  # validation accuracy after each epoch
+    device: str | None = None  # "cpu" or the GPU's name
 
 
 # -- sources ---------------------------------------------------------------------------------
@@ -177,7 +182,8 @@ class Database:
             raise UserError(f"{self.path} is not a metad2a database (no {MANIFEST})") from None
         except ValueError as err:
             raise UserError(f"{self.path / MANIFEST} is damaged: {err}") from None
-        if data.get("format_version") != FORMAT_VERSION:
+        # Format 1 databases (proxy labels) still read, for meta-training and `db info`.
+        if data.get("format_version") not in (1, FORMAT_VERSION):
             raise UserError(f"{self.path}: database format {data.get('format_version')} is not supported")
         return data
 
@@ -321,27 +327,27 @@ class Database:
 
 
 def load_task_images(root: Path, files: list[list[str]], size: int):
+    """A side of a task's split as fit decodes it: uint8 (N, 3, S, S), unreadable files left out."""
+    from ..training.fitdata import LabeledImages, decode
+
+    paths = [root / f for class_files in files for f in class_files]
+    labels = [label for label, class_files in enumerate(files) for _ in class_files]
+    decoded, _ = decode(paths, size)
+    keep = [i for i, a in enumerate(decoded) if a is not None]
+    images = np.stack([decoded[i] for i in keep]) if keep else np.zeros((0, 3, size, size), np.uint8)
+    return LabeledImages(images, np.asarray([labels[i] for i in keep], dtype=np.int64))
+
+
+def device_name(device: str) -> str:
     import torch
 
-    from ..data.images import BadImage, load_rgb
-
-    xs, ys = [], []
-    for label, class_files in enumerate(files):
-        for f in class_files:
-            try:
-                img = load_rgb(root / f)
-            except BadImage:
-                continue
-            xs.append(np.asarray(img.resize((size, size), 2)))  # 2 = bilinear
-            ys.append(label)
-    x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float() / 255.0
-    return x, torch.tensor(ys)
+    dev = torch.device(device)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
 
 
-def normalise_task(train, val):
-    mean = train[0].mean((0, 2, 3), keepdim=True)
-    std = train[0].std((0, 2, 3), keepdim=True).clamp_min(1e-3)
-    return ((train[0] - mean) / std, train[1]), ((val[0] - mean) / std, val[1])
+def task_seed(seed: int, task_id: str) -> int:
+    """The seed of a task's fits (network initialisation and batches), from the build's."""
+    return seed * 1_000_003 + int(task_id[1:])
 
 
 def build(
@@ -357,12 +363,13 @@ def build(
     feature_progress: Callable[[str, int, int], None] | None = None,
 ) -> int:
     """Build (or resume) a database; returns the number of records written in this run."""
+    import torch
     from safetensors.numpy import save_file
 
     from ..data.encoder import DEFAULT_RESOLUTION, ImageEncoder
     from ..data.features import encode_images
     from ..data.images import read_image_folder
-    from ..training.proxy import train_cells
+    from ..training.labels import label_cells
 
     resolution = resolution or DEFAULT_RESOLUTION
     folders = {}
@@ -403,6 +410,7 @@ def build(
     todo = sum(1 for t in mine for c in t.cells if (t.id, c) not in done)
     written = 0
     t_start = time.perf_counter()
+    dev, name = torch.device(device), device_name(device)
     with db.shard_writer(shard) as append:
         for task in mine:
             cells = [c for c in task.cells if (task.id, c) not in done]
@@ -410,15 +418,15 @@ def build(
                 continue
             root = folders[task.source].root
             size = settings.schedule.input_size
-            train, val = normalise_task(load_task_images(root, task.train, size), load_task_images(root, task.val, size))
+            train, val = load_task_images(root, task.train, size), load_task_images(root, task.val, size)
             for j in range(0, len(cells), chunk):
                 group = cells[j : j + chunk]
                 t0 = time.perf_counter()
-                seed = settings.seed * 1_000_003 + int(task.id[1:])
-                acc = train_cells([Cell.parse(c) for c in group], train, val, settings.schedule, seed=seed, device=device)
+                labels = label_cells([Cell.parse(c) for c in group], train, val, settings.schedule, task_seed(settings.seed, task.id), dev)
                 seconds = (time.perf_counter() - t0) / len(group)
-                for c, a in zip(group, acc):
-                    append(Record(task.id, c, round(float(a), 4), round(seconds, 3)))
+                for c, label in zip(group, labels):
+                    append(Record(task.id, c, round(label.accuracy, 4), round(seconds, 3), label.best_epoch,
+                                  [round(a, 4) for a in label.curve], name))
                     written += 1
                 if progress:
                     progress(written, todo, time.perf_counter() - t_start)

@@ -29,17 +29,22 @@ from ..data.images import Skipped, read_image_folder
 from ..errors import UserError
 from ..nb201.cells import Cell
 from ..nb201.network import count_parameters
-from .fitdata import LabeledImages, Split, decode_split_side, split_and_decode
+from .fitdata import (
+    LabeledImages,
+    Split,
+    channel_stats,
+    decode_split_side,
+    split_and_decode,
+)
+from .recipe import CHANNELS_LAST, default_batch_size, to_unit
 from .trainer import (
-    CHANNELS_LAST,
     FitSettings,
     FitState,
     Reporter,
     TrainedNetwork,
     Trainer,
-    default_batch_size,
     model_state,
-    to_unit,
+    new_network,
 )
 
 FORMAT_VERSION = 1
@@ -180,13 +185,6 @@ class FitOutcome:
         }
 
 
-def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    x = images.astype(np.float64) / 255.0  # (N, 3, S, S)
-    mean = x.mean(axis=(0, 2, 3))
-    std = np.maximum(x.std(axis=(0, 2, 3)), 1e-3)
-    return [float(v) for v in mean], [float(v) for v in std]
-
-
 def _save_progress(run: RunFolder, trainer: Trainer, record: dict) -> None:
     """last.safetensors holds the truth (progress in its metadata); fit.json mirrors it."""
     save_tensors(run / LAST, trainer.checkpoint_tensors(), {"state": trainer.state.to_dict()})
@@ -257,7 +255,7 @@ def start_fit(
     split, train, val, bad = split_and_decode(folder, settings.val_fraction, settings.input_size, settings.seed, decode_progress)
     skipped = list(folder.skipped) + bad
     classes = list(folder.classes)
-    mean, std = _channel_stats(train.images)
+    mean, std = channel_stats(train.images)
     state = FitState(batch_size=batch_size or default_batch_size(len(train)))
     record = {
         "format": FORMAT_VERSION,
@@ -276,7 +274,7 @@ def start_fit(
         },
         "device": str(dev),
     }
-    trainer = Trainer(settings, classes, mean, std, train, val, state, dev, reporter)
+    trainer = Trainer(settings, _network(settings, classes, mean, std), classes, train, val, state, dev, reporter)
     # Two checkpoints with their temporary copies, the validation images and the plots.
     run.check_free_space(4 * trainer.checkpoint_bytes() + val.images.nbytes + 8_000_000)
     save_tensors(run / VALIDATION, {"images": torch.from_numpy(val.images), "labels": torch.from_numpy(val.labels)}, {})
@@ -322,10 +320,14 @@ def resume_fit(
         reporter.note(f"batch size {batch_size} from here on (the run used {state.batch_size})")
         state.batch_size = batch_size
     mean, std = record["dataset"]["mean"], record["dataset"]["std"]
-    trainer = Trainer(settings, classes, mean, std, train, val, state, dev, reporter)
+    trainer = Trainer(settings, _network(settings, classes, mean, std), classes, train, val, state, dev, reporter)
     trainer.load_checkpoint(tensors)
     record["device"] = str(dev)
     return _train(run, trainer, record, list(folder.skipped))
+
+
+def _network(settings: FitSettings, classes: list[str], mean: list[float], std: list[float]) -> TrainedNetwork:
+    return new_network(Cell.parse(settings.cell), settings.network_config(len(classes)), mean, std, settings.seed)
 
 
 def _device(device: str) -> torch.device:

@@ -45,6 +45,14 @@ class LabeledImages:
         return len(self.labels)
 
 
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] units: the normalisation a trained network applies."""
+    x = images.astype(np.float64) / 255.0  # (N, 3, S, S)
+    mean = x.mean(axis=(0, 2, 3))
+    std = np.maximum(x.std(axis=(0, 2, 3)), 1e-3)
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
 def stored_name(path: Path, root: Path) -> str:
     """A file's name relative to the set's root, so a moved folder still resumes."""
     try:

@@ -1,35 +1,35 @@
-"""One training run of a cell's network: NAS-Bench-201's recipe on in-memory images.
+"""A run of a cell's network, or of several cells' networks in lockstep, on in-memory images.
 
-The recipe: SGD with Nesterov momentum 0.9, weight decay 5e-4, learning rate 0.1 annealed
-to zero on a cosine, random crop (zero padding S/8) and horizontal flip. The whole training
-set sits on the device as uint8 and is augmented there, so a GPU never waits for a data
-loader. Tensors are channels-last; on a GPU the forward pass runs in bfloat16.
-
-Randomness is a function of (seed, epoch, position in the epoch), never of a generator's
-running state, so a run stopped anywhere and resumed (even with another batch size)
-continues exactly; with the same batch size on the CPU it ends bit-identical.
+The recipe (optimiser, schedule, augmentation, precision) is ``recipe``'s; this module
+runs it: a ``Trainer`` owns the model, its optimiser and the images on one device, steps
+through epochs from any saved position, and evaluates. ``fit`` trains one network with it;
+the database's labels (``labels``) train many cells at once with it, so a label is what
+``fit`` would report for that cell.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import math
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
 from ..nb201.cells import Cell
 from ..nb201.network import Network, NetworkConfig, count_parameters
 from .fitdata import LabeledImages
-
-MAX_DEFAULT_BATCH = 256
-MIN_DEFAULT_BATCH = 16
+from .recipe import (
+    CHANNELS_LAST,
+    EpochPlan,
+    NesterovSGD,
+    autocast,
+    cosine_lr,
+    crop_and_flip,
+    members_loss,
+    to_unit,
+)
 
 
 @dataclass(frozen=True)
@@ -67,15 +67,6 @@ class FitSettings:
         )
 
 
-def default_batch_size(num_train: int) -> int:
-    """NAS-Bench-201's 256, made smaller on small sets so an epoch has about fifty steps.
-
-    With 2,400 training images (fashion_mnist, 15 epochs, the ResNet cell) batch 48 reached
-    85.7% validation accuracy against 80.3% at batch 240 (ten steps an epoch): docs/fit.md.
-    """
-    return max(MIN_DEFAULT_BATCH, min(MAX_DEFAULT_BATCH, num_train // 50))
-
-
 class TrainedNetwork(nn.Module):
     """A ``Network`` that takes RGB in [0, 1] and applies the training set's normalisation."""
 
@@ -96,59 +87,6 @@ class TrainedNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, 3, S, S) in [0, 1] -> logits (B, classes)
         return self.net((x - self.mean) / self.std)
-
-
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, S, S) -> float in [0, 1]: what a trained network takes."""
-    return images.float().mul_(1.0 / 255.0)
-
-
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    digest = hashlib.sha256(f"metad2a-fit/{seed}/{epoch}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """An epoch's randomness, drawn up front: image order, crop offsets, flips."""
-
-    order: torch.Tensor  # (N,) int64
-    offsets: torch.Tensor  # (N, 2) int64, in [0, 2 * pad]
-    flips: torch.Tensor  # (N,) bool
-
-    @classmethod
-    def draw(cls, seed: int, epoch: int, n: int, pad: int, device: torch.device | str = "cpu") -> EpochPlan:
-        # Drawn on the CPU (the same on every device), then copied once: a copy from pageable
-        # host memory every step would wait for the GPU and leave it idle between steps.
-        g = _epoch_generator(seed, epoch)
-        order = torch.randperm(n, generator=g)
-        offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=g)
-        flips = torch.rand(n, generator=g) < 0.5
-        return cls(order.to(device), offsets.to(device), flips.to(device))
-
-
-def crop_and_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
-    """Per-image random crop of the zero-padded image, then an optional mirror, in one gather.
-
-    images: (B, C, S, S) any dtype; offsets: (B, 2) row/column start in the padded image.
-    """
-    b, c, h, w = images.shape
-    dev = images.device
-    padded = F.pad(images, (pad, pad, pad, pad))
-    rows = offsets[:, :1] + torch.arange(h, device=dev)  # (B, H)
-    cols = offsets[:, 1:] + torch.arange(w, device=dev)  # (B, W)
-    cols = torch.where(flips[:, None], cols.flip(1), cols)
-    return padded[
-        torch.arange(b, device=dev)[:, None, None, None],
-        torch.arange(c, device=dev)[None, :, None, None],
-        rows[:, None, :, None],
-        cols[:, None, None, :],
-    ]
-
-
-def cosine_lr(base: float, progress: float) -> float:
-    """progress: the fraction of all training images seen, 0..1."""
-    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 @dataclass
@@ -205,55 +143,48 @@ class Reporter:
         return False
 
 
-# -- devices ---------------------------------------------------------------------------------
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-# Channels-last everywhere: cuDNN picks its tensor-core kernels for it on a GPU, and on the
-# 2-core development CPU a training step of the default network ran 1.29x faster (oneDNN).
-CHANNELS_LAST = torch.channels_last
-
-
 def _free_device_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
+def new_network(cell: Cell, config: NetworkConfig, mean: list[float], std: list[float], seed: int) -> TrainedNetwork:
+    """A cell's network as a run with this seed starts it (the same weights every time)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TrainedNetwork(cell, config, mean, std)
+
+
 class Trainer:
-    """One run: a model, its optimiser and its data on one device."""
+    """One run on one device: a model, its optimiser and its images.
+
+    The model maps images in [0, 1] to logits (B, classes), or (K, B, classes) for K
+    networks trained in lockstep on the same batches; each network's loss is its own mean
+    cross-entropy, so each learns as it would alone. With ``cuda_graph`` the training step
+    (batch gather, augmentation, forward, backward, update) is captured once per batch size
+    and replayed: small networks at small batches otherwise leave a GPU waiting on Python.
+    """
 
     def __init__(
         self,
         settings: FitSettings,
+        model: nn.Module,
         classes: list[str],
-        mean: list[float],
-        std: list[float],
         train: LabeledImages,
         val: LabeledImages,
         state: FitState,
         device: torch.device,
         reporter: Reporter,
+        cuda_graph: bool = False,
     ):
         self.settings, self.classes, self.state, self.device = settings, classes, state, device
         self.reporter = reporter
         self.pad = max(1, settings.input_size // 8)
-        config = settings.network_config(len(classes))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(settings.seed)
-            self.model = TrainedNetwork(Cell.parse(settings.cell), config, mean, std)
-        self.model.to(device, memory_format=CHANNELS_LAST)
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(),
-            lr=settings.lr,
-            momentum=settings.momentum,
-            nesterov=True,
-            weight_decay=settings.weight_decay,
-        )
+        self.model = model.to(device, memory_format=CHANNELS_LAST)
+        self.optimizer = NesterovSGD(list(self.model.parameters()), settings.momentum, settings.weight_decay)
+        self.use_graph = cuda_graph and device.type == "cuda"
+        self._graphs: dict[int, tuple] = {}  # batch size -> (graph, static inputs, static outputs)
+        self._eager_steps = 0
         try:
             self.train_x = torch.from_numpy(train.images).to(device)
             self.train_y = torch.from_numpy(train.labels).to(device)
@@ -274,47 +205,72 @@ class Trainer:
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"model.{k}": v for k, v in model_state(self.model).items()}
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        for p, st in self.optimizer.state.items():
-            if "momentum_buffer" in st and st["momentum_buffer"] is not None:
-                tensors[f"momentum.{names[id(p)]}"] = st["momentum_buffer"].contiguous()
+        for (name, _), buf in zip(self.model.named_parameters(), self.optimizer.buffers):
+            tensors[f"momentum.{name}"] = buf.contiguous()
         return tensors
 
     def load_checkpoint(self, tensors: dict[str, torch.Tensor]) -> None:
         model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         self.model.load_state_dict(model)
-        params = dict(self.model.named_parameters())
-        for k, v in tensors.items():
-            if k.startswith("momentum."):
-                p = params[k[9:]]
-                buf = v.to(self.device).to(memory_format=CHANNELS_LAST if v.dim() == 4 else torch.contiguous_format)
-                self.optimizer.state[p]["momentum_buffer"] = buf
+        for (name, _), buf in zip(self.model.named_parameters(), self.optimizer.buffers):
+            if f"momentum.{name}" in tensors:
+                buf.copy_(tensors[f"momentum.{name}"])
 
     def checkpoint_bytes(self) -> int:
         return 4 * 2 * count_parameters(self.model)
 
     # -- steps
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One SGD step; returns (summed loss, correct count) as device tensors (no sync)."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        with _autocast(self.device):
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SGD step at the optimiser's current rate; returns (summed loss, correct count)
+        as device tensors, summed over the networks (no host sync)."""
+        with autocast(self.device):
             logits = self.model(images)
-        loss = F.cross_entropy(logits.float(), labels)
-        self.optimizer.zero_grad(set_to_none=True)
+        loss = members_loss(logits, labels)
+        self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
-        return loss.detach() * len(labels), (logits.argmax(1) == labels).sum()
+        correct = (logits.reshape(-1, *logits.shape[-2:]).argmax(-1) == labels).sum()
+        return loss.detach() * len(labels), correct
 
-    def _batch(self, plan: EpochPlan, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = plan.order[start:stop]
-        images = crop_and_flip(self.train_x[idx], plan.offsets[start:stop], plan.flips[start:stop], self.pad)
-        images = to_unit(images).contiguous(memory_format=CHANNELS_LAST)
-        return images, self.train_y[idx]
+    def _batch(self, order: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = crop_and_flip(self.train_x[order], offsets, flips, self.pad)
+        return to_unit(images).contiguous(memory_format=CHANNELS_LAST), self.train_y[order]
+
+    def _step(self, plan: EpochPlan, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = (plan.order[start:stop], plan.offsets[start:stop], plan.flips[start:stop])
+        size = stop - start
+        if self.use_graph and size == self.state.batch_size:
+            if size in self._graphs:
+                graph, static, outputs = self._graphs[size]
+                for buf, value in zip(static, inputs):
+                    buf.copy_(value)
+                graph.replay()
+                return outputs
+            if self._eager_steps >= 2:  # kernels chosen and memory settled by two eager steps
+                return self._capture(inputs)
+            self._eager_steps += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.train_step(*self._batch(*inputs))
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        return self.train_step(*self._batch(*inputs))
+
+    def _capture(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        static = tuple(x.clone() for x in inputs)
+        self.optimizer.zero_grad()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self.train_step(*self._batch(*static))
+        self._graphs[len(static[0])] = (graph, static, outputs)
+        graph.replay()  # capturing ran nothing: this is the step itself
+        return outputs
 
     def _halve_batch(self, what: str) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
+        self._graphs.clear()
         _free_device_memory(self.device)
         old = self.state.batch_size
         if old < 4:
@@ -323,13 +279,12 @@ class Trainer:
         self.reporter.note(f"out of GPU memory at batch size {old} while {what}; going on with {self.state.batch_size}")
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module | None = None) -> Evaluation:
-        """Validation loss, accuracy and confusion matrix, in float32 (autocast off)."""
+    def evaluate_members(self, model: nn.Module | None = None) -> list[Evaluation]:
+        """Each network's validation loss, accuracy and confusion matrix, in float32."""
         model = self.model if model is None else model
         model.eval()
-        k = len(self.classes)
-        loss_sum = torch.zeros((), device=self.device)
-        pairs = torch.zeros(k * k, dtype=torch.int64, device=self.device)
+        n = len(self.classes)
+        loss_sum = pairs = None
         start = 0
         while start < len(self.val_y):
             stop = start + 2 * self.state.batch_size
@@ -339,14 +294,25 @@ class Trainer:
             except torch.cuda.OutOfMemoryError:
                 self._halve_batch("validating")
                 continue
-            y = self.val_y[start:stop]
-            loss_sum += F.cross_entropy(logits, y, reduction="sum")
-            pairs += torch.bincount(y * k + logits.argmax(1), minlength=k * k)
+            logits = logits.reshape(-1, *logits.shape[-2:])  # (K, B, classes)
+            k, y = logits.shape[0], self.val_y[start:stop]
+            losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.repeat(k), reduction="none")
+            cells = (torch.arange(k, device=self.device)[:, None] * n + y) * n + logits.argmax(-1)  # (K, B)
+            batch_pairs = torch.bincount(cells.flatten(), minlength=k * n * n)
+            loss_sum = losses.view(k, -1).sum(1) if loss_sum is None else loss_sum + losses.view(k, -1).sum(1)
+            pairs = batch_pairs if pairs is None else pairs + batch_pairs
             start = stop
         model.train()
-        confusion = pairs.view(k, k).cpu().numpy()
-        n = max(1, len(self.val_y))
-        return Evaluation(float(loss_sum) / n, 100.0 * float(np.trace(confusion)) / n, confusion)
+        count = max(1, len(self.val_y))
+        if pairs is None:  # no validation images
+            return [Evaluation(0.0, 0.0, np.zeros((n, n), dtype=np.int64))]
+        confusion = pairs.view(-1, n, n).cpu().numpy()
+        losses = (loss_sum / count).tolist()
+        return [Evaluation(loss, 100.0 * float(np.trace(c)) / count, c) for loss, c in zip(losses, confusion)]
+
+    def evaluate(self, model: nn.Module | None = None) -> Evaluation:
+        """The (first) network's validation loss, accuracy and confusion matrix."""
+        return self.evaluate_members(model)[0]
 
     def run_epoch(self) -> bool:
         """Train from the saved position to the end of the epoch; False when asked to stop."""
@@ -359,7 +325,7 @@ class Trainer:
         last_report = 0.0
 
         def flush() -> None:
-            nonlocal loss_acc, correct_acc, t0
+            nonlocal t0
             st.running.loss_sum += float(loss_acc)
             st.running.correct += int(correct_acc)
             st.running.seconds += time.perf_counter() - t0
@@ -375,10 +341,9 @@ class Trainer:
             if stop - st.seen < 2 and st.seen > 0:
                 st.seen = n  # batch norm needs two images; a lone last one sits this epoch out
                 break
-            lr = cosine_lr(self.settings.lr, (st.epoch + st.seen / n) / self.settings.epochs)
+            self.optimizer.lr.fill_(cosine_lr(self.settings.lr, (st.epoch + st.seen / n) / self.settings.epochs))
             try:
-                images, labels = self._batch(plan, st.seen, stop)
-                loss, correct = self.train_step(images, labels, lr)
+                loss, correct = self._step(plan, st.seen, stop)
             except torch.cuda.OutOfMemoryError:
                 self._halve_batch("training")
                 continue
@@ -395,9 +360,9 @@ class Trainer:
         flush()
         return True
 
-    def finish_epoch(self) -> tuple[dict, Evaluation]:
+    def close_epoch(self, ev: Evaluation) -> dict:
+        """Record a finished epoch (``ev``: its validation) and move the state to the next."""
         st = self.state
-        ev = self.evaluate()
         r = st.running
         entry = {
             "epoch": st.epoch + 1,
@@ -415,7 +380,11 @@ class Trainer:
         st.seen = 0
         st.running = EpochStats()
         st.completed = st.epoch >= self.settings.epochs
-        return entry, ev
+        return entry
+
+    def finish_epoch(self) -> tuple[dict, Evaluation]:
+        ev = self.evaluate()
+        return self.close_epoch(ev), ev
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
