@@ -115,13 +115,15 @@ def new_speed(cells, train, val, device, results, sizes, epochs, save) -> None:
             log(f"graph vs eager, {e['cells']} cells: largest accuracy difference {diff.max():.2f} points")
 
 
-def run(pack: Path, device: torch.device, results: dict, sizes, epochs: int, save, smoke: bool = False) -> None:
+def run(pack: Path, device: torch.device, results: dict, sizes, epochs: int, save, smoke: bool = False,
+        old_proxy: bool = True) -> None:
     train, val, cells, _ = load_calibration(pack)
     if smoke:
         train = LabeledImages(train.images[:60], train.labels[:60])
         val = LabeledImages(val.images[:20], val.labels[:20])
     try:
-        old_proxy_speed(pack, cells, train, val, device, results)
+        if old_proxy:
+            old_proxy_speed(pack, cells, train, val, device, results)
     except Exception as err:
         results["speed"]["old_proxy_error"] = repr(err)
         log("old proxy failed:", repr(err))

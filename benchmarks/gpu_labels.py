@@ -107,7 +107,7 @@ def build(pack: Path, out: Path, epochs: int, device, graph: bool, deadline: flo
             if not cells:
                 continue
             # Stop when the typical task would no longer finish in time.
-            if per_task and elapsed() + max(per_task) > deadline:
+            if elapsed() + (max(per_task) if per_task else 0) > deadline:
                 break
             if task["source"] not in sources:
                 data = np.load(pack / f"source-{task['source']}.npz")
@@ -152,6 +152,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="the database's seed (task seeds derive from it)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script on a CPU")
     ap.add_argument("--speed-only", action="store_true", help="(internal) the speed phase alone")
+    ap.add_argument("--speed-cells", type=int, nargs="+", default=[10, 32], help="cells trained together, timed")
+    ap.add_argument("--speed-epochs", type=int, default=2)
+    ap.add_argument("--no-old-proxy", action="store_true", help="skip timing the format-1 proxy")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
@@ -170,12 +173,14 @@ def main() -> None:
     # The speed phase runs in a child process: a CUDA graph that fails to capture can leave
     # the CUDA context unusable, and the records must not pay for it.
     if args.speed_only:
-        bench_labels.run(args.pack, device, results, [2] if args.smoke else [10, 32], 1 if args.smoke else 2, save, args.smoke)
+        bench_labels.run(args.pack, device, results, [2] if args.smoke else args.speed_cells, 1 if args.smoke else args.speed_epochs,
+                         save, args.smoke, old_proxy=not args.no_old_proxy)
         return
     try:
         child_ok = subprocess.run(
             [sys.executable, __file__, "--speed-only", "--pack", str(args.pack), "--out", str(args.out),
-             "--device", args.device, *(["--smoke"] if args.smoke else [])],
+             "--device", args.device, "--speed-epochs", str(args.speed_epochs), "--speed-cells",
+             *map(str, args.speed_cells), *(["--smoke"] if args.smoke else []), *(["--no-old-proxy"] if args.no_old_proxy else [])],
             timeout=max(60.0, 0.25 * args.deadline),
         ).returncode == 0
     except subprocess.TimeoutExpired:
