@@ -66,9 +66,12 @@ def test_graph_encoder_and_scores_match(models):
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
     dataset = np.random.default_rng(0).standard_normal(SIZES.latent).astype(np.float32)
-    with torch.no_grad():
-        ref_scores = pred.score(torch.from_numpy(dataset).expand(len(cells), -1), torch.from_numpy(ref)).numpy()
-    np.testing.assert_allclose(engine.score(w, dataset, got), ref_scores, atol=1e-5)
+    for terms in [("table",), ("dataset",), ("table", "dataset")]:
+        pred.terms = terms
+        with torch.no_grad():
+            ref_scores = pred.score(torch.from_numpy(dataset).expand(len(cells), -1), torch.from_numpy(ref)).numpy()
+        np.testing.assert_allclose(engine.score(w, dataset, got, terms), ref_scores, atol=1e-5)
+    pred.terms = ("table", "dataset")
 
 
 def test_generator_decode_matches(models):

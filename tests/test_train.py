@@ -20,9 +20,26 @@ SIZES = ModelSizes(feature_dim=1280, hidden=16, latent=12, heads=4)
 GOOD = Cell.parse("|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_3x3~2|")
 
 
-def make_db(path: Path, identity: str | None = None, tasks: int = 12, seed: int = 0) -> Path:
+def conv_rule(cell: Cell) -> float:
+    return 30.0 + 10.0 * sum(op == 3 for op in cell.ops)
+
+
+def write_table(path: Path, rule=conv_rule, n: int = 2000, seed: int = 0) -> Path:
+    """A published-accuracy table of ``n`` random cells whose accuracy follows ``rule``."""
+    rng = np.random.default_rng(seed)
+    codes = rng.choice(15625, n, replace=False)
+    rows = ["nb201_index,arch_str,imagenet16_120_test"]
+    for code in codes.tolist():
+        c = Cell.from_code(code)
+        rows.append(f"{c.index},{c},{rule(c) + rng.normal(0, 1):.4f}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def make_db(path: Path, identity: str | None = None, tasks: int = 12, seed: int = 0, rule=conv_rule) -> Path:
     """A small database written directly: synthetic features, accuracies that follow a rule
-    (more 3x3 convolutions, better), so training has something to learn."""
+    (more 3x3 convolutions, better), so training has something to learn; with a published
+    table that follows the same rule."""
     rng = np.random.default_rng(seed)
     path.mkdir(parents=True)
     (path / "features").mkdir()
@@ -36,7 +53,7 @@ def make_db(path: Path, identity: str | None = None, tasks: int = 12, seed: int 
         cells = [GOOD] + [Cell(tuple(int(o) for o in rng.integers(0, 5, 6))) for _ in range(7)]
         all_tasks.append(Task(f"t{t:05d}", "src", [classes[i] for i in chosen], [], [], [str(c) for c in cells]))
         for c in cells:
-            acc = 30 + 10 * sum(op == 3 for op in c.ops) + rng.normal(0, 2)
+            acc = rule(c) + rng.normal(0, 2)
             lines.append(json.dumps(asdict(Record(f"t{t:05d}", str(c), float(acc), 1.0))))
     (path / "tasks.json").write_text(json.dumps([asdict(t) for t in all_tasks]))
     (path / "records-0of1.jsonl").write_text("\n".join(lines) + "\n")
@@ -44,6 +61,7 @@ def make_db(path: Path, identity: str | None = None, tasks: int = 12, seed: int 
                 "encoder": {"identity": identity or encoder.identity(64), "resolution": 64, "feature_dim": 1280},
                 "settings": BuildSettings(num_tasks=tasks).to_dict(), "sources": {"src": {"hash": "0" * 64}}}
     (path / "manifest.json").write_text(json.dumps(manifest))
+    write_table(path / "imagenet16_120.csv", seed=seed)
     return path
 
 
@@ -69,13 +87,13 @@ def test_training_learns_writes_and_loads(tmp_path):
 
 def test_resume_continues_exactly(tmp_path):
     db = make_db(tmp_path / "db")
-    s4 = TrainSettings(epochs=4, tasks_per_step=4, val_fraction=0.25, num_candidates=50)
+    s4 = TrainSettings(epochs=2, tasks_per_step=4, val_fraction=0.25, num_candidates=50)
     _, straight = meta_train(db, tmp_path / "a", s4, sizes=SIZES)
-    s2 = TrainSettings(epochs=2, tasks_per_step=4, val_fraction=0.25, num_candidates=50)
+    s2 = TrainSettings(epochs=1, tasks_per_step=4, val_fraction=0.25, num_candidates=50)
     meta_train(db, tmp_path / "b", s2, sizes=SIZES)
     # the interrupted run is continued with the full epoch count
     state = json.loads((tmp_path / "b/.train/train_state.json").read_text())
-    state["settings"]["epochs"] = 4
+    state["settings"]["epochs"] = 2
     (tmp_path / "b/.train/train_state.json").write_text(json.dumps(state))
     _, resumed = meta_train(db, tmp_path / "b", s4, sizes=SIZES, resume=True)
     a = (tmp_path / "a/model.safetensors").read_bytes()
@@ -86,7 +104,7 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_same_seed_same_weights(tmp_path):
     db = make_db(tmp_path / "db")
-    s = TrainSettings(epochs=2, tasks_per_step=4, num_candidates=20)
+    s = TrainSettings(epochs=1, tasks_per_step=4, num_candidates=20)
     meta_train(db, tmp_path / "a", s, sizes=SIZES)
     meta_train(db, tmp_path / "b", s, sizes=SIZES)
     assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()
@@ -112,3 +130,41 @@ def test_database_found_by_name_from_a_clone(tmp_path, monkeypatch):
     assert resolve_database("tiny") == tmp_path / "databases" / "tiny"
     with pytest.raises(UserError, match="no database 'other'"):
         resolve_database("other")
+
+
+def _ranking(folder: Path, features) -> list[str]:
+    model = SearchModel.load(folder, load_checkpoint_config(folder))
+    return [r.cell for r in model.search(features, top_k=20, exhaustive=True).ranking]
+
+
+def _datasets():
+    rng = np.random.default_rng(5)
+    return [[rng.standard_normal((6, 1280)).astype(np.float32) + 3 * rng.standard_normal(1280).astype(np.float32)
+             for _ in range(4)] for _ in range(2)]
+
+
+def test_table_term_alone_follows_the_table_whatever_the_records_say(tmp_path):
+    def pools_win(cell):  # the database says the opposite of the table
+        return 30.0 + 10.0 * sum(op == 4 for op in cell.ops)
+
+    db = make_db(tmp_path / "db", rule=pools_win)
+    settings = TrainSettings(epochs=4, tasks_per_step=4, num_candidates=20, lr=3e-3, predictor="table")
+    ckpt, trainer = meta_train(db, tmp_path / "w", settings, sizes=SIZES)
+    assert ckpt.config["predictor"]["terms"] == ["table"]
+    assert trainer.history[-1]["spearman_table"] > 0.6  # held-out table cells; chance is 0
+    first, second = (_ranking(tmp_path / "w", f) for f in _datasets())
+    assert first == second  # no dataset term: every dataset gets the same ranking
+    assert sum(op == 3 for op in Cell.parse(first[0]).ops) >= 4
+
+
+def test_both_terms_condition_on_the_dataset_and_database_needs_no_table(tmp_path):
+    db = make_db(tmp_path / "db")
+    meta_train(db, tmp_path / "both", TrainSettings(epochs=2, tasks_per_step=4, num_candidates=20), sizes=SIZES)
+    first, second = (_ranking(tmp_path / "both", f) for f in _datasets())
+    assert first != second
+    (db / "imagenet16_120.csv").unlink()
+    with pytest.raises(UserError, match="no table of published accuracies"):
+        meta_train(db, tmp_path / "x", TrainSettings(epochs=1), sizes=SIZES)
+    ckpt, _ = meta_train(db, tmp_path / "db-only", TrainSettings(epochs=1, num_candidates=20, predictor="database"),
+                         sizes=SIZES)
+    assert ckpt.config["predictor"]["terms"] == ["dataset"]

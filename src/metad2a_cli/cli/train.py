@@ -14,11 +14,21 @@ def train(
     tasks_per_step: int = typer.Option(8, "--tasks-per-step", help="Tasks per optimisation step."),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate for both networks."),
     seed: int = typer.Option(0, "--seed", help="Seeds the split, the initialisation and the episodes."),
+    predictor: str = typer.Option(
+        "both", "--predictor",
+        help="What the predictor learns: table (published full-training accuracies only), "
+        "database (the database's records only) or both.",
+    ),
+    table: Path = typer.Option(
+        None, "--table", help="CSV of published accuracies (nb201_index, arch_str, accuracy); "
+        "default: imagenet16_120.csv in the database folder.",
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu (the networks are small; CPU is the tested path)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the final metrics as JSON."),
 ) -> None:
-    """Meta-train the cell generator and the meta-predictor on a database.
+    """Meta-train the cell generator and the meta-predictor on a database and a table of
+    published accuracies.
 
     Holds out tasks for validation, keeps each network's best epoch, writes a checkpoint
     folder every epoch (use it with `metad2a search --weights DIR`) and can --resume.
@@ -32,7 +42,8 @@ def train(
 
     if device != "cpu":
         raise UserError("meta-training runs on the CPU in this version; use --device cpu")
-    settings = TrainSettings(epochs=epochs, tasks_per_step=tasks_per_step, lr=lr, seed=seed)
+    settings = TrainSettings(epochs=epochs, tasks_per_step=tasks_per_step, lr=lr, seed=seed, predictor=predictor)
+    settings.validate()
     db_path = resolve_database(db)
     with Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.fields[info]}"),
                   TimeRemainingColumn(), console=err_console) as bar:
@@ -40,18 +51,21 @@ def train(
 
         def on_step(step: int, steps: int, losses: dict) -> None:
             bar.update(job, completed=step, total=steps,
-                       info=f"pred {losses['pred_loss']:.3f} · recon {losses['recon']:.3f} · kl {losses['kl']:.2f}")
+                       info=f"table {losses['table_loss']:.3f} · records {losses['pred_loss']:.3f} · "
+                       f"recon {losses['recon']:.3f} · kl {losses['kl']:.2f}")
 
         def on_epoch(epoch: int, m: dict) -> None:
             bar.update(job, epoch=epoch + 1)
             err_console.print(
-                f"epoch {epoch}: val spearman within {m['spearman_within_task']:.3f} pooled {m['spearman_pooled']:.3f}"
+                f"epoch {epoch}: val spearman table {m['spearman_table']:.3f} within {m['spearman_within_task']:.3f}"
+                f" pooled {m['spearman_pooled']:.3f}"
                 f" · gen recon {m['gen_recon']:.3f} hit {m['gen_best_cell_hit_rate']:.2f}"
                 f" unique {m['gen_uniqueness']:.2f} · {m['seconds']:.1f}s",
                 highlight=False,
             )
 
-        ckpt, trainer = meta_train(db_path, out, settings, resume=resume, on_step=on_step, on_epoch=on_epoch)
+        ckpt, trainer = meta_train(db_path, out, settings, resume=resume, on_step=on_step, on_epoch=on_epoch,
+                                   table_path=table)
     metrics = ckpt.config["metrics"]
     if as_json:
         print_json({"checkpoint": str(out), **metrics})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from .search import MODEL_FILE
 from .sizes import ModelSizes
 from .weights import Checkpoint, write_checkpoint
@@ -31,6 +32,7 @@ def save_models(
         "database": database or {},
         "metrics": metrics or {},
         "target": target or {"mean": 0.0, "std": 1.0},
+        "predictor": {"terms": list(predictor.terms)},
     }
     return write_checkpoint(folder, config, {MODEL_FILE: tensors})
 
@@ -43,9 +45,13 @@ def load_models(ckpt: Checkpoint):
 
     sizes = ModelSizes.from_dict(ckpt.config["model"])
     arrays = ckpt.arrays(MODEL_FILE)
-    gen, pred = CellGenerator(sizes), MetaPredictor(sizes)
+    terms = tuple(ckpt.config.get("predictor", {}).get("terms", ["dataset"]))
+    gen, pred = CellGenerator(sizes), MetaPredictor(sizes, terms)
     for prefix, module in (("generator.", gen), ("predictor.", pred)):
         state = {k[len(prefix):]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith(prefix)}
-        module.load_state_dict(state)
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        # Checkpoints from before the table term have no prior.*; nothing else may be absent.
+        if unexpected or any(not (k.startswith("prior.") and "table" not in terms) for k in missing):
+            raise UserError(f"{ckpt.path}: model tensors do not match this metad2a ({missing or unexpected})")
         module.eval()
     return gen, pred

@@ -120,13 +120,19 @@ def graph_encode(w: Weights, types: np.ndarray) -> np.ndarray:
 # -- predictor head ---------------------------------------------------------------------------
 
 
-def score(w: Weights, dataset: np.ndarray, graphs: np.ndarray) -> np.ndarray:
-    """dataset (latent,) and cell embeddings (N, latent) -> (N,) predicted scores."""
-    w1, b1 = w["predictor.head.0.weight"], w["predictor.head.0.bias"]
-    latent = dataset.shape[-1]
-    # The dataset half of the first layer is shared by every cell: compute it once.
-    hidden = graphs @ w1[:, latent:].T + (dataset @ w1[:, :latent].T + b1)
-    return (np.tanh(hidden) @ w["predictor.head.2.weight"].T + w["predictor.head.2.bias"])[:, 0]
+def score(w: Weights, dataset: np.ndarray, graphs: np.ndarray, terms: tuple[str, ...] = ("dataset",)) -> np.ndarray:
+    """dataset (latent,) and cell embeddings (N, latent) -> (N,) predicted scores: the sum
+    of the predictor's trained terms (models/predictor.py)."""
+    total = np.zeros(len(graphs), dtype=np.float32)
+    if "table" in terms:
+        total = total + _linear(w, "predictor.prior.2", np.tanh(_linear(w, "predictor.prior.0", graphs)))[:, 0]
+    if "dataset" in terms:
+        w1, b1 = w["predictor.head.0.weight"], w["predictor.head.0.bias"]
+        latent = dataset.shape[-1]
+        # The dataset half of the first layer is shared by every cell: compute it once.
+        hidden = graphs @ w1[:, latent:].T + (dataset @ w1[:, :latent].T + b1)
+        total = total + (np.tanh(hidden) @ w["predictor.head.2.weight"].T + w["predictor.head.2.bias"])[:, 0]
+    return total
 
 
 # -- generator ------------------------------------------------------------------------------

@@ -57,9 +57,17 @@ class SearchResult:
 class SearchModel:
     """Trained weights as NumPy arrays, plus what is derived from them once."""
 
-    def __init__(self, weights: dict[str, np.ndarray], sizes: ModelSizes, identity: str, target: dict | None = None):
+    def __init__(
+        self,
+        weights: dict[str, np.ndarray],
+        sizes: ModelSizes,
+        identity: str,
+        target: dict | None = None,
+        terms: Sequence[str] = ("dataset",),
+    ):
         self.weights = weights
         self.sizes = sizes
+        self.terms = tuple(terms)  # the predictor's trained terms (checkpoints before them: "dataset")
         self.identity = identity  # sha256 of the weights file: keys derived caches
         # Predictor outputs are standardised accuracies; map them back to percent.
         self.target = target or {"mean": 0.0, "std": 1.0}
@@ -74,7 +82,8 @@ class SearchModel:
             raise UserError(f"{folder} has no {MODEL_FILE}")
         identity = config.get("files", {}).get(MODEL_FILE) or hashlib.sha256(path.read_bytes()).hexdigest()
         sizes = ModelSizes.from_dict(config["model"])
-        return cls(load_file(str(path)), sizes, identity, config.get("target"))
+        terms = config.get("predictor", {}).get("terms", ["dataset"])
+        return cls(load_file(str(path)), sizes, identity, config.get("target"), terms)
 
     # -- derived once per weights ------------------------------------------------------------
 
@@ -110,7 +119,7 @@ class SearchModel:
     def predict_all(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Predicted accuracy (percent) of every cell, indexed by ``Cell.code``."""
         d = engine.set_encode(self.weights, "predictor.set_encoder", x, mask, self.sizes.heads)[0]
-        scores = engine.score(self.weights, d, self.cell_embeddings())
+        scores = engine.score(self.weights, d, self.cell_embeddings(), self.terms)
         return scores * self.target["std"] + self.target["mean"]
 
     def generate(self, x: np.ndarray, mask: np.ndarray, num_candidates: int, rng: np.random.Generator) -> tuple[list[int], int, float]:

@@ -1,11 +1,18 @@
-"""Meta-training: fit the cell generator and the meta-predictor on a database.
+"""Meta-training: fit the cell generator and the meta-predictor.
 
-Episodes are tasks. Each step takes a few tasks, draws ``num_samples`` features per class
-afresh (as MetaD2A does, so the set encoder never sees the same set twice), and
-- the predictor regresses every recorded accuracy of those tasks (standardised),
-- the generator reconstructs each task's best recorded cell under a VAE objective.
-Tasks held out from training (not just records) measure generalisation each epoch; the
-best epoch of each network by its validation metric goes into the checkpoint.
+The predictor's score is a sum of terms (models/predictor.py): a dataset-independent
+``table`` term regressed on published full-training accuracies of cells (standardised
+over the table), and a ``dataset`` term regressed on the database's records (standardised
+within each task, since only the ranking within a dataset matters), which learns how a
+dataset moves cells away from the table's order. ``TrainSettings.predictor`` picks
+"table", "database" or "both".
+
+Episodes are tasks. Each step takes a few tasks and draws ``num_samples`` features per
+class afresh (as MetaD2A does, so the set encoder never sees the same set twice). The
+generator learns, under MetaD2A's VAE objective, to propose the cells the predictor
+ranks highest for each task (one of its current top ``generator_top``), so a search's
+candidates are the cells its ranking favours. Tasks and table cells held out from
+training measure generalisation each epoch; each network's best epoch is kept.
 """
 
 from __future__ import annotations
@@ -22,11 +29,15 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..nb201.cells import Cell
+from ..nb201.cells import NUM_CELLS, Cell
 from ..nb201.graph import one_hot_graphs
 from .db import Database
 from .models import CellGenerator, MetaPredictor
 from .sizes import ModelSizes
+from .table import TABLE_FILE, PublishedTable, load_table
+
+# TrainSettings.predictor -> the predictor's terms
+TERMS = {"table": ("table",), "database": ("dataset",), "both": ("table", "dataset")}
 
 STATE_FILE = "train_state.safetensors"
 STATE_JSON = "train_state.json"
@@ -42,6 +53,26 @@ class TrainSettings:
     val_fraction: float = 0.1
     seed: int = 0
     num_candidates: int = 500  # generator validation: samples per task
+    predictor: str = "both"  # which terms the predictor learns: "table", "database" or "both"
+    table_batch: int = 256  # table cells per step
+    table_val_fraction: float = 0.1
+    generator_top: int = 20  # the generator imitates one of the predictor's top cells of a task
+
+    def validate(self) -> None:
+        if self.predictor not in TERMS:
+            raise UserError(f"--predictor must be one of {', '.join(TERMS)}, got {self.predictor!r}")
+        if self.epochs < 1 or self.tasks_per_step < 1 or self.num_samples < 1 or self.table_batch < 1:
+            raise UserError("--epochs, --tasks-per-step and the batch sizes must be at least 1")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.val_fraction < 1 or not 0 <= self.table_val_fraction < 1:
+            raise UserError("validation fractions must be in [0, 1)")
+        if self.generator_top < 1:
+            raise UserError("generator_top must be at least 1")
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        return TERMS[self.predictor]
 
 
 @dataclass
@@ -52,8 +83,10 @@ class TaskData:
     accuracy: np.ndarray  # (len(cells),) percent
 
     @property
-    def best(self) -> Cell:
-        return self.cells[int(self.accuracy.argmax())]
+    def standardised(self) -> np.ndarray | None:
+        """Accuracies as z-scores within the task; None when they do not vary."""
+        std = self.accuracy.std()
+        return None if std == 0 else (self.accuracy - self.accuracy.mean()) / std
 
 
 def load_tasks(db: Database, min_records: int = 2) -> list[TaskData]:
@@ -97,33 +130,84 @@ def episode_batch(tasks: list[TaskData], num_samples: int, rng: np.random.Genera
     return x, mask
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1, ties sharing their mean rank."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=float)
+    _, inverse = np.unique(x, return_inverse=True)
+    return (np.bincount(inverse, weights=ranks) / np.bincount(inverse))[inverse]
+
+
+def spearman(a, b) -> float:
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(a) < 2 or np.all(a == a[0]) or np.all(b == b[0]):
         return float("nan")
-    ra = np.argsort(np.argsort(a, kind="stable"), kind="stable").astype(float)
-    rb = np.argsort(np.argsort(b, kind="stable"), kind="stable").astype(float)
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(np.corrcoef(average_ranks(a), average_ranks(b))[0, 1])
 
 
 class MetaTrainer:
-    def __init__(self, tasks: list[TaskData], settings: TrainSettings, sizes: ModelSizes):
+    def __init__(self, tasks: list[TaskData], settings: TrainSettings, sizes: ModelSizes, table: PublishedTable | None = None):
+        settings.validate()
         self.settings = settings
         self.train_tasks, self.val_tasks = split_tasks(tasks, settings.val_fraction, settings.seed)
         if not self.train_tasks:
             raise UserError("the database has no task with records to train on")
-        acc = np.concatenate([t.accuracy for t in self.train_tasks])
-        self.target = {"mean": float(acc.mean()), "std": float(acc.std() or 1.0)}
+        if "table" in settings.terms and table is None:
+            raise UserError(f"--predictor {settings.predictor} needs a table of published accuracies (--table)")
+        self.rng = np.random.default_rng(settings.seed)
+        self.table = None
+        if "table" in settings.terms:
+            order = np.random.default_rng([settings.seed, 1]).permutation(len(table))
+            n_val = round(len(table) * settings.table_val_fraction)
+            train_rows, val_rows = order[n_val:], order[:n_val]
+            acc = table.accuracy[train_rows]
+            self.target = {"mean": float(acc.mean()), "std": float(acc.std() or 1.0), "source": table.source}
+            z = (table.accuracy - self.target["mean"]) / self.target["std"]
+            self.table = {"train": (table.codes[train_rows], z[train_rows]), "val": (table.codes[val_rows], z[val_rows])}
+        else:
+            acc = np.concatenate([t.accuracy for t in self.train_tasks])
+            self.target = {"mean": float(acc.mean()), "std": float(acc.std() or 1.0), "source": "database"}
+        # Every cell's graph, indexed by Cell.code: table batches and the generator's targets.
+        self.all_graphs = one_hot_graphs([Cell.from_code(c) for c in range(NUM_CELLS)])
         torch.manual_seed(settings.seed)
         self.generator = CellGenerator(sizes)
-        self.predictor = MetaPredictor(sizes)
+        self.predictor = MetaPredictor(sizes, settings.terms)
         self.opt_gen = torch.optim.Adam(self.generator.parameters(), lr=settings.lr)
         self.opt_pred = torch.optim.Adam(self.predictor.parameters(), lr=settings.lr)
-        self.rng = np.random.default_rng(settings.seed)
         self.noise = torch.Generator().manual_seed(settings.seed)
         self.epoch = 0
         self.history: list[dict] = []
         self.best = {"predictor": -math.inf, "generator": -math.inf}
         self.best_states: dict[str, dict[str, torch.Tensor]] = {}
+        self._pred_steps = 0
+        self._embeddings: tuple[int, torch.Tensor] | None = None
+
+    # -- the predictor over every cell --------------------------------------------------------
+
+    @torch.no_grad()
+    def cell_embeddings(self) -> torch.Tensor:
+        """(15625, latent) graph embeddings of every cell by the current predictor (kept
+        until the predictor's next step: validation and the next epoch share them)."""
+        if self._embeddings is None or self._embeddings[0] != self._pred_steps:
+            was = self.predictor.training
+            self.predictor.eval()
+            self._embeddings = (self._pred_steps, self.predictor.graph_encoder(self.all_graphs))
+            self.predictor.train(was)
+        return self._embeddings[1]
+
+    @torch.no_grad()
+    def all_cell_scores(self, datasets: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """Scores of every cell (embeddings ``emb``) for each dataset: (T, latent) -> (T, 15625)."""
+        t = datasets.shape[0]
+        rows = datasets[:, None].expand(-1, NUM_CELLS, -1).reshape(-1, datasets.shape[-1])
+        return self.predictor.score(rows, emb.repeat(t, 1)).view(t, NUM_CELLS)
+
+    def generator_targets(self, scores: torch.Tensor) -> torch.Tensor:
+        """For each task, one of its ``generator_top`` best-scored cells: (T, 15625) -> (T, 6) ops."""
+        top = scores.topk(self.settings.generator_top, dim=1).indices  # (T, top)
+        pick = top[torch.arange(len(top)), torch.from_numpy(self.rng.integers(0, top.shape[1], len(top)))]
+        return torch.tensor([Cell.from_code(int(c)).ops for c in pick])
 
     # -- one epoch -------------------------------------------------------------------------
 
@@ -133,31 +217,46 @@ class MetaTrainer:
         self.predictor.train()
         order = self.rng.permutation(len(self.train_tasks))
         steps = math.ceil(len(order) / s.tasks_per_step)
-        sums = {"pred_loss": 0.0, "recon": 0.0, "kl": 0.0}
+        sums = {"pred_loss": 0.0, "table_loss": 0.0, "recon": 0.0, "kl": 0.0}
+        # Embedding all cells costs a dozen steps: the generator's targets use the epoch's.
+        emb = self.cell_embeddings()
         for step in range(steps):
             batch = [self.train_tasks[i] for i in order[step * s.tasks_per_step : (step + 1) * s.tasks_per_step]]
             x, mask = episode_batch(batch, s.num_samples, self.rng)
 
-            # predictor: every record of the batch's tasks
-            counts = [len(t.cells) for t in batch]
-            graphs = one_hot_graphs([c for t in batch for c in t.cells])
-            y = torch.from_numpy(np.concatenate([t.accuracy for t in batch])).float()
-            y = (y - self.target["mean"]) / self.target["std"]
-            d = self.predictor.set_encoder(x, mask).repeat_interleave(torch.tensor(counts), dim=0)
-            pred = self.predictor.score(d, self.predictor.graph_encoder(graphs))
-            pred_loss = F.mse_loss(pred, y)
+            d = self.predictor.set_encoder(x, mask)  # (T, latent)
+            loss = torch.zeros(())
+            if self.table is not None:
+                codes, z = self.table["train"]
+                rows = self.rng.choice(len(codes), min(s.table_batch, len(codes)), replace=False)
+                pred = self.predictor.table_score(self.predictor.graph_encoder(self.all_graphs[codes[rows]]))
+                table_loss = F.mse_loss(pred, torch.from_numpy(z[rows]).float())
+                loss = loss + table_loss
+                sums["table_loss"] += table_loss.item()
+            if "dataset" in s.terms:
+                use = [(i, t) for i, t in enumerate(batch) if t.standardised is not None]
+                if use:
+                    graphs = self.predictor.graph_encoder(one_hot_graphs([c for _, t in use for c in t.cells]))
+                    counts = torch.tensor([len(t.cells) for _, t in use])
+                    dd = d[[i for i, _ in use]].repeat_interleave(counts, dim=0)
+                    # The dataset term learns what the table term (held fixed here) misses.
+                    base = self.predictor.table_score(graphs).detach() if self.table is not None else 0.0
+                    y = torch.from_numpy(np.concatenate([t.standardised for _, t in use])).float()
+                    pred_loss = F.mse_loss(base + self.predictor.dataset_score(dd, graphs), y)
+                    loss = loss + pred_loss
+                    sums["pred_loss"] += pred_loss.item()
             self.opt_pred.zero_grad(set_to_none=True)
-            pred_loss.backward()
+            loss.backward()
             self.opt_pred.step()
+            self._pred_steps += 1
 
-            # generator: each task's best cell
-            ops = torch.tensor([t.best.ops for t in batch])
-            loss, recon, kl = self.generator.loss(x, mask, ops, s.kl_weight, self.noise)
+            # generator: a cell among each task's current best-scored
+            ops = self.generator_targets(self.all_cell_scores(d.detach(), emb))
+            gen_loss, recon, kl = self.generator.loss(x, mask, ops, s.kl_weight, self.noise)
             self.opt_gen.zero_grad(set_to_none=True)
-            (loss / len(batch)).backward()
+            (gen_loss / len(batch)).backward()
             self.opt_gen.step()
 
-            sums["pred_loss"] += pred_loss.item()
             sums["recon"] += recon.item() / len(batch)
             sums["kl"] += kl.item() / len(batch)
             if report:
@@ -173,32 +272,37 @@ class MetaTrainer:
         self.generator.eval()
         self.predictor.eval()
         x, mask = episode_batch(tasks, self.settings.num_samples, None)
+        d = self.predictor.set_encoder(x, mask)
+        scores = self.all_cell_scores(d, self.cell_embeddings())  # (T, 15625)
         within, pooled_pred, pooled_true = [], [], []
         for i, t in enumerate(tasks):
-            d = self.predictor.set_encoder(x[i : i + 1], mask[i : i + 1]).expand(len(t.cells), -1)
-            p = self.predictor.score(d, self.predictor.graph_encoder(one_hot_graphs(t.cells))).numpy()
+            p = scores[i, [c.code for c in t.cells]].numpy()
             rho = spearman(p, t.accuracy)
             if not math.isnan(rho):
                 within.append(rho)
             pooled_pred.append(p)
-            pooled_true.append((t.accuracy - self.target["mean"]) / self.target["std"])
+            pooled_true.append(t.accuracy)
+        table_rho = float("nan")
+        if self.table is not None:
+            codes, z = self.table["val"]
+            table_rho = spearman(self.predictor.table_score(self.predictor.graph_encoder(self.all_graphs[codes])).numpy(), z)
+        best = scores.argmax(1)  # the predictor's first pick for each task
+        ops = torch.tensor([Cell.from_code(int(c)).ops for c in best])
         mu, logvar = self.generator.encode(x, mask)
-        ops = torch.tensor([t.best.ops for t in tasks])
         recon = -self.generator.log_likelihood(mu, ops).mean().item()
         g = torch.Generator().manual_seed(0)
         n = self.settings.num_candidates
         hits, unique = 0, []
-        for i, t in enumerate(tasks):
+        for i in range(len(tasks)):
             z = mu[i] + torch.randn(n, mu.shape[1], generator=g) * torch.exp(0.5 * logvar[i])
             sampled = self.generator.sample(z, torch.rand(n, 6, generator=g))
             codes = {tuple(r) for r in sampled.tolist()}
             unique.append(len(codes) / n)
-            hits += t.best.ops in codes
-        p_all, t_all = np.concatenate(pooled_pred), np.concatenate(pooled_true)
+            hits += tuple(ops[i].tolist()) in codes
         return {
             "spearman_within_task": float(np.mean(within)) if within else float("nan"),
-            "spearman_pooled": spearman(p_all, t_all),
-            "pred_mse": float(np.mean((p_all - t_all) ** 2)),
+            "spearman_pooled": spearman(np.concatenate(pooled_pred), np.concatenate(pooled_true)),
+            "spearman_table": table_rho,
             "gen_recon": recon,
             "gen_validity": 1.0,  # types are masked to ops: every decode is a cell
             "gen_uniqueness": float(np.mean(unique)),
@@ -207,9 +311,12 @@ class MetaTrainer:
         }
 
     def select(self, metrics: dict) -> None:
-        """Keep each network's best epoch: predictor by within-task Spearman, generator by
-        (best-cell hit rate, then lower reconstruction loss)."""
-        p = metrics["spearman_within_task"]
+        """Keep each network's best epoch: the predictor by the Spearman of what it was
+        trained on (held-out table cells, held-out tasks' records, or their sum), the
+        generator by (hit rate of the predictor's pick, then lower reconstruction loss)."""
+        terms = self.settings.terms
+        p = (metrics["spearman_table"] if "table" in terms else 0.0) + (
+            metrics["spearman_within_task"] if "dataset" in terms else 0.0)
         if not math.isnan(p) and p > self.best["predictor"]:
             self.best["predictor"] = p
             self.best_states["predictor"] = {k: v.clone() for k, v in self.predictor.state_dict().items()}
@@ -284,7 +391,7 @@ class MetaTrainer:
         self.best = meta["best"]
 
     def best_models(self) -> tuple[CellGenerator, MetaPredictor]:
-        gen, pred = CellGenerator(self.generator.sizes), MetaPredictor(self.predictor.sizes)
+        gen, pred = CellGenerator(self.generator.sizes), MetaPredictor(self.predictor.sizes, self.predictor.terms)
         gen.load_state_dict(self.best_states.get("generator", self.generator.state_dict()))
         pred.load_state_dict(self.best_states.get("predictor", self.predictor.state_dict()))
         return gen.eval(), pred.eval()
@@ -330,15 +437,26 @@ def meta_train(
     resume: bool = False,
     on_step: Callable[[int, int, dict], None] | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
+    table_path: Path | None = None,
 ):
-    """Train, checkpoint every epoch into ``out`` and return the final ``Checkpoint``."""
+    """Train, checkpoint every epoch into ``out`` and return the final ``Checkpoint``.
+
+    ``table_path`` defaults to the database folder's ``imagenet16_120.csv``; it is read
+    only when the predictor has a table term."""
     from .checkpoint import save_models
 
+    settings.validate()
     db = Database(db_path)
     enc = check_database_encoder(db)
     tasks = load_tasks(db)
+    table = None
+    if "table" in settings.terms:
+        table_path = Path(table_path) if table_path is not None else db.path / TABLE_FILE
+        if not table_path.is_file():
+            raise UserError(f"no table of published accuracies at {table_path}; pass --table or --predictor database")
+        table = load_table(table_path)
     sizes = sizes or ModelSizes(feature_dim=int(enc["feature_dim"]))
-    trainer = MetaTrainer(tasks, settings, sizes)
+    trainer = MetaTrainer(tasks, settings, sizes, table)
     state_dir = out / ".train"
     if resume:
         if not (state_dir / STATE_JSON).is_file():
@@ -348,7 +466,8 @@ def meta_train(
         raise UserError(f"{out} holds a training run; pass --resume to continue it or choose another --out")
     info = db.info()
     database = {"path": str(db.path), "name": db.path.name, "tasks": info["tasks_with_records"],
-                "records": info["records"], "schedule": info["schedule"]}
+                "records": info["records"], "schedule": info["schedule"],
+                "table": table.source if table is not None else None, "predictor": settings.predictor}
     ckpt = None
     while trainer.epoch < settings.epochs:
         t0 = time.perf_counter()
@@ -386,7 +505,7 @@ def _best_metrics(history: list[dict]) -> dict:
     if pred:
         h = pred[-1]
         out |= {"predictor_epoch": h["epoch"], "spearman_within_task": h["spearman_within_task"],
-                "spearman_pooled": h["spearman_pooled"]}
+                "spearman_pooled": h["spearman_pooled"], "spearman_table": h["spearman_table"]}
     if gen:
         h = gen[-1]
         out |= {"generator_epoch": h["epoch"], "gen_recon": h["gen_recon"], "gen_validity": h["gen_validity"],

@@ -1,4 +1,10 @@
-"""MetaD2A's meta-performance predictor: (dataset, cell) -> predicted accuracy."""
+"""MetaD2A's meta-performance predictor: (dataset, cell) -> predicted accuracy.
+
+The score is the sum of the terms a checkpoint was trained with: ``table``, a
+dataset-independent term of the cell alone (learned from published full-training
+accuracies), and ``dataset``, MetaD2A's term of the dataset and the cell together
+(learned from the database's tasks). Scores are standardised accuracies.
+"""
 
 from __future__ import annotations
 
@@ -26,19 +32,37 @@ class GraphEncoder(nn.Module):
         return self.out(self.unify(torch.cat([h_fwd, h_bwd], dim=-1)))
 
 
+TERMS = ("table", "dataset")
+
+
 class MetaPredictor(nn.Module):
-    def __init__(self, sizes: ModelSizes = ModelSizes()):
+    def __init__(self, sizes: ModelSizes = ModelSizes(), terms: tuple[str, ...] = TERMS):
         super().__init__()
+        if not terms or set(terms) - set(TERMS):
+            raise ValueError(f"terms must be a non-empty subset of {TERMS}, got {terms}")
         self.sizes = sizes
+        self.terms = tuple(t for t in TERMS if t in terms)
         self.set_encoder = SetEncoder(sizes.feature_dim, sizes.latent, sizes.heads)
         self.graph_encoder = GraphEncoder(sizes.hidden, sizes.latent)
+        self.prior = nn.Sequential(nn.Linear(sizes.latent, sizes.hidden), nn.Tanh(), nn.Linear(sizes.hidden, 1))
         self.head = nn.Sequential(
             nn.Linear(2 * sizes.latent, sizes.hidden), nn.Tanh(), nn.Linear(sizes.hidden, 1)
         )
 
-    def score(self, dataset: torch.Tensor, graphs: torch.Tensor) -> torch.Tensor:
+    def table_score(self, graphs: torch.Tensor) -> torch.Tensor:
+        """Cell embeddings (B, latent) -> (B,) dataset-independent scores."""
+        return self.prior(graphs).squeeze(-1)
+
+    def dataset_score(self, dataset: torch.Tensor, graphs: torch.Tensor) -> torch.Tensor:
         """dataset (B, latent) and cell embeddings (B, latent) -> (B,) scores."""
         return self.head(torch.cat([dataset, graphs], dim=-1)).squeeze(-1)
+
+    def score(self, dataset: torch.Tensor, graphs: torch.Tensor) -> torch.Tensor:
+        """The sum of the trained terms: dataset (B, latent), cells (B, latent) -> (B,)."""
+        total = self.table_score(graphs) if "table" in self.terms else 0.0
+        if "dataset" in self.terms:
+            total = total + self.dataset_score(dataset, graphs)
+        return total
 
     def forward(
         self, features: torch.Tensor, mask: torch.Tensor, types_one_hot: torch.Tensor
