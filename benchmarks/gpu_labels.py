@@ -28,31 +28,17 @@ import sys
 import time
 from pathlib import Path
 
+import bench_labels
 import numpy as np
 import torch
+from bench_labels import elapsed, load_calibration, log, sync
 
 from metad2a_cli.meta.db import task_seed
+from metad2a_cli.meta.train import spearman
 from metad2a_cli.nb201.cells import Cell
 from metad2a_cli.training.fitdata import LabeledImages
 from metad2a_cli.training.labels import label_cells
 from metad2a_cli.training.schedule import LabelSchedule
-
-import bench_labels
-from bench_labels import elapsed, load_calibration, log, sync
-
-
-def average_ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x), dtype=float)
-    for value in np.unique(x):  # ties share their mean rank
-        tied = x == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
-def spearman(a, b) -> float:
-    return float(np.corrcoef(average_ranks(np.asarray(a, float)), average_ranks(np.asarray(b, float)))[0, 1])
 
 
 def calibrate(cells, cifar, train, val, device, results, budgets, chunk, graph, count, deadline) -> None:
