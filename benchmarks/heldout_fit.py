@@ -152,6 +152,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--results", type=Path, default=REPO / "docs" / "heldout_fits.json")
     ap.add_argument("--report", type=Path, default=None)
+    ap.add_argument("--card", type=Path, default=None, help="a checkpoint folder whose model card gets the results")
     args = ap.parse_args()
     results = load_results(args.results)
     reports = []
@@ -175,6 +176,11 @@ def main() -> None:
             print(json.dumps(reports[-1], indent=1), flush=True)
     if args.report:
         args.report.write_text(json.dumps({"weights": args.weights or "packaged", "sets": reports}, indent=1) + "\n")
+    if args.card:
+        from metad2a_cli.meta import modelcard
+        from metad2a_cli.meta.weights import load_checkpoint_config
+
+        modelcard.write(args.card, load_checkpoint_config(args.card), reports)
 
 
 if __name__ == "__main__":
