@@ -59,7 +59,7 @@ def train(
             err_console.print(
                 f"epoch {epoch}: val spearman table {m['spearman_table']:.3f} within {m['spearman_within_task']:.3f}"
                 f" pooled {m['spearman_pooled']:.3f}"
-                f" · gen recon {m['gen_recon']:.3f} hit {m['gen_best_cell_hit_rate']:.2f}"
+                f" · gen recon {m['gen_recon']:.3f} hit {m['gen_best_cell_hit_rate']:.2f} top-5 {m['gen_top5_coverage']:.2f}"
                 f" unique {m['gen_uniqueness']:.2f} · {m['seconds']:.1f}s",
                 highlight=False,
             )
