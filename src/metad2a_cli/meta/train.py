@@ -454,7 +454,8 @@ def meta_train(
     settings.validate()
     db = Database(db_path)
     enc = check_database_encoder(db)
-    tasks = load_tasks(db)
+    # Without a dataset term records are not needed: every task's features train the generator.
+    tasks = load_tasks(db, min_records=2 if "dataset" in settings.terms else 0)
     table = None
     if "table" in settings.terms:
         table_path = Path(table_path) if table_path is not None else db.path / TABLE_FILE

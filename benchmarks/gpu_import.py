@@ -1,0 +1,48 @@
+"""Append the records a GPU run wrote (`gpu_labels.py`'s OUT/records.jsonl) to a database.
+
+Each record must name a task of the database and one of that task's cells, and the run's
+label schedule (`gpu_labels.json`'s `chosen_epochs`) must be the database's; records the
+database already holds are skipped. Writes through the database's own shard writer
+(append-only, fsynced, locked), as `metad2a db build` does.
+
+    python benchmarks/gpu_import.py databases/nb201 /work/.device/1/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from metad2a_cli.meta.db import Database, Record
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("db", type=Path)
+    ap.add_argument("run", type=Path, help="the folder holding records.jsonl and gpu_labels.json")
+    ap.add_argument("--shard", default="0/1")
+    args = ap.parse_args()
+    db = Database(args.db)
+    epochs = json.loads((args.run / "gpu_labels.json").read_text())["chosen_epochs"]
+    if db.manifest["settings"]["schedule"]["epochs"] != epochs:
+        raise SystemExit(f"the run labelled at {epochs} epochs; {args.db} labels at {db.manifest['settings']['schedule']['epochs']}")
+    cells = {t.id: set(t.cells) for t in db.tasks()}
+    done = {(r.task, r.cell) for r in db.records()}
+    new = [Record(**json.loads(line)) for line in (args.run / "records.jsonl").read_text().splitlines() if line.strip()]
+    for r in new:
+        if r.cell not in cells.get(r.task, ()):
+            raise SystemExit(f"{r.task} has no cell {r.cell}: the run's pack came from another database")
+    i, n = (int(x) for x in args.shard.split("/"))
+    added = 0
+    with db.shard_writer((i, n)) as append:
+        for r in new:
+            if (r.task, r.cell) not in done:
+                append(r)
+                done.add((r.task, r.cell))
+                added += 1
+    print(f"{added} records added to {args.db} ({len(new) - added} already there)")
+
+
+if __name__ == "__main__":
+    main()
