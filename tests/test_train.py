@@ -67,7 +67,8 @@ def make_db(path: Path, identity: str | None = None, tasks: int = 12, seed: int 
 
 def test_training_learns_writes_and_loads(tmp_path):
     db = make_db(tmp_path / "db")
-    settings = TrainSettings(epochs=8, tasks_per_step=4, val_fraction=0.25, num_candidates=100, lr=3e-3)
+    settings = TrainSettings(epochs=8, tasks_per_step=4, val_fraction=0.25, num_candidates=100, lr=3e-3,
+                             predictor="both")
     ckpt, trainer = meta_train(db, tmp_path / "w", settings, sizes=SIZES)
     h = trainer.history
     assert h[-1]["pred_loss"] < h[0]["pred_loss"]
@@ -88,9 +89,9 @@ def test_training_learns_writes_and_loads(tmp_path):
 
 def test_resume_continues_exactly(tmp_path):
     db = make_db(tmp_path / "db")
-    s4 = TrainSettings(epochs=2, tasks_per_step=4, val_fraction=0.25, num_candidates=50)
+    s4 = TrainSettings(epochs=2, tasks_per_step=4, val_fraction=0.25, num_candidates=50, predictor="both")
     _, straight = meta_train(db, tmp_path / "a", s4, sizes=SIZES)
-    s2 = TrainSettings(epochs=1, tasks_per_step=4, val_fraction=0.25, num_candidates=50)
+    s2 = TrainSettings(epochs=1, tasks_per_step=4, val_fraction=0.25, num_candidates=50, predictor="both")
     meta_train(db, tmp_path / "b", s2, sizes=SIZES)
     # the interrupted run is continued with the full epoch count
     state = json.loads((tmp_path / "b/.train/train_state.json").read_text())
@@ -160,7 +161,8 @@ def test_table_term_alone_follows_the_table_whatever_the_records_say(tmp_path):
 
 def test_both_terms_condition_on_the_dataset_and_database_needs_no_table(tmp_path):
     db = make_db(tmp_path / "db")
-    meta_train(db, tmp_path / "both", TrainSettings(epochs=2, tasks_per_step=4, num_candidates=20), sizes=SIZES)
+    meta_train(db, tmp_path / "both", TrainSettings(epochs=2, tasks_per_step=4, num_candidates=20, predictor="both"),
+               sizes=SIZES)
     first, second = (_ranking(tmp_path / "both", f) for f in _datasets())
     assert first != second
     (db / "imagenet16_120.csv").unlink()

@@ -15,9 +15,9 @@ def train(
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate for both networks."),
     seed: int = typer.Option(0, "--seed", help="Seeds the split, the initialisation and the episodes."),
     predictor: str = typer.Option(
-        "both", "--predictor",
-        help="What the predictor learns: table (published full-training accuracies only), "
-        "database (the database's records only) or both.",
+        "table", "--predictor",
+        help="What the predictor learns: table (published full-training accuracies only; the "
+        "shipped weights), database (the database's records only) or both.",
     ),
     table: Path = typer.Option(
         None, "--table", help="CSV of published accuracies (nb201_index, arch_str, accuracy); "
