@@ -10,6 +10,7 @@ import os
 import sys
 
 import typer
+from rich.markup import escape
 
 from .._version import __version__
 from ..errors import UserError
@@ -65,7 +66,8 @@ def run(argv: list[str] | None = None) -> int:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
     except UserError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        # escape(): a message's own brackets (pip install 'metad2a[ray]') are text, not markup.
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return err.exit_code
     return 0
 
