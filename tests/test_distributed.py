@@ -199,3 +199,15 @@ def test_ctrl_c_stops_the_cluster_work(cluster, sources, tmp_path):
     while running_units() and time.time() < deadline:
         time.sleep(0.1)
     assert not running_units(), "units still run on the cluster after Ctrl-C"
+
+
+@pytest.mark.slow
+def test_a_node_without_the_sources_fails_with_one_message(cluster, sources, tmp_path):
+    from metad2a_cli.data.images import read_image_folder
+    from metad2a_cli.meta.db import WorkUnit, draw_tasks
+    from metad2a_cli.meta.distributed import ray_runner
+
+    task = draw_tasks({s.name: read_image_folder(s) for s in sources}, settings(num_tasks=1))[0]
+    unit = WorkUnit(task, tmp_path / "not-mounted-here", tuple(task.cells))
+    with pytest.raises(UserError, match="not a folder on .*same path"):
+        list(ray_runner()([unit], settings()))
