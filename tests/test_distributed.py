@@ -55,13 +55,23 @@ def sources(tmp_path_factory):
 # -- without a cluster -----------------------------------------------------------------------
 
 
-def test_ray_missing_is_one_line_with_the_install_command(sources, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("address", [[], ["auto"]])
+def test_ray_missing_is_one_line_with_the_install_command(sources, tmp_path, monkeypatch, capsys, address):
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets when it is not installed
-    code = run(["db", "build", str(tmp_path / "db"), "-s", str(sources[0]), "--ray", "local"])
+    code = run(["db", "build", str(tmp_path / "db"), "--ray", *address, "-s", str(sources[0])])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "pip install 'metad2a[ray]'" in err
     assert not (tmp_path / "db").exists()  # refused before any work
+
+
+def test_ray_without_an_address_is_a_local_instance():
+    from metad2a_cli.cli.db import ray_address_optional
+
+    assert ray_address_optional(["db", "build", "d", "--ray"]) == ["db", "build", "d", "--ray", "local"]
+    assert ray_address_optional(["db", "build", "d", "--ray", "-s", "x"]) == ["db", "build", "d", "--ray", "local", "-s", "x"]
+    assert ray_address_optional(["db", "build", "d", "--ray", "auto"]) == ["db", "build", "d", "--ray", "auto"]
+    assert ray_address_optional(["db", "info", "d"]) == ["db", "info", "d"]
 
 
 def test_gpu_share_is_checked(sources, tmp_path, capsys):

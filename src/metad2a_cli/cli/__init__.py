@@ -60,6 +60,7 @@ def run(argv: list[str] | None = None) -> int:
     # On a 2-core machine busy with other work, spinning made encoding 4x slower
     # (docs/encoder.md). An explicit setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    argv = db.ray_address_optional(sys.argv[1:] if argv is None else argv)
     try:
         app(args=argv, prog_name="metad2a")
     except SystemExit as exc:

@@ -14,6 +14,15 @@ app = typer.Typer(
 )
 
 
+def ray_address_optional(argv: list[str]) -> list[str]:
+    """``--ray`` with no address (last, or before another option) means ``--ray local``:
+    typer has no option whose value may be left out."""
+    for k, arg in enumerate(argv):
+        if arg == "--ray" and (k + 1 == len(argv) or argv[k + 1].startswith("-")):
+            return [*argv[: k + 1], "local", *argv[k + 1 :]]
+    return argv
+
+
 @app.command("build")
 def build(
     db: Path = typer.Argument(..., help="Database folder (created, or resumed if it exists)."),
@@ -30,9 +39,9 @@ def build(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     chunk: int = typer.Option(0, "--chunk", help="Cells trained together (0: 1 on CPU, 32 on GPU)."),
     ray: str | None = typer.Option(
-        None, "--ray", metavar="ADDRESS",
-        help="Label on Ray: 'local' starts a Ray instance on this machine; auto, host:6379 or "
-        "ray://host:10001 joins a running cluster. Needs pip install 'metad2a[ray]'.",
+        None, "--ray", metavar="[ADDRESS]",
+        help="Label on Ray: alone (or 'local') on a Ray instance started on this machine; auto, "
+        "host:6379 or ray://host:10001 on a running cluster. Needs pip install 'metad2a[ray]'.",
     ),
     ray_gpus_per_worker: float | None = typer.Option(
         None, "--ray-gpus-per-worker",
