@@ -191,6 +191,10 @@ def test_killed_driver_resumes_with_the_same_command(cluster, sources, tmp_path)
     done = subprocess.run(args, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert len(Database(db_path).records()) == 12
+    # One bar for the cluster's labels, left at its last state (stderr is not a terminal):
+    # every record of the build counted, with its rate.
+    bar = [line for line in done.stderr.splitlines() if "training cells on Ray" in line]
+    assert len(bar) == 1 and f"{12 - before}/{12 - before}" in bar[0] and "records/min" in bar[0], done.stderr
     assert len(unique_lines(records)) == 12
 
 
