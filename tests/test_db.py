@@ -145,3 +145,23 @@ def test_killed_builder_resumes_without_duplicates(sources, tmp_path):
             torn += 1  # the one line the kill may have cut
     assert torn <= 1
     assert len({(r["task"], r["cell"]) for r in lines}) == len(lines) == 18
+
+
+def test_info_counts_records_per_device_old_records_included(tmp_path, capsys):
+    from metad2a_cli.cli import run
+
+    db_path = tmp_path / "db"
+    db_path.mkdir()
+    (db_path / "manifest.json").write_text(json.dumps(
+        {"format_version": 2, "encoder": {"identity": "enc"}, "settings": {"schedule": {"epochs": 1}}, "sources": {}}))
+    (db_path / "tasks.json").write_text("[]")
+    lines = [
+        {"task": "t00000", "cell": "a", "accuracy": 10.0, "seconds": 1.0},  # format 1: no device, no curve
+        {"task": "t00000", "cell": "b", "accuracy": 20.0, "seconds": 1.0, "best_epoch": 1, "curve": [20.0], "device": "cpu"},
+        {"task": "t00001", "cell": "a", "accuracy": 30.0, "seconds": 1.0, "best_epoch": 1, "curve": [30.0], "device": "NVIDIA H100"},
+        {"task": "t00001", "cell": "b", "accuracy": 40.0, "seconds": 1.0, "best_epoch": 1, "curve": [40.0], "device": "NVIDIA H100"},
+    ]
+    (db_path / "records-0of1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert Database(db_path).info()["records_per_device"] == {"unknown": 1, "cpu": 1, "NVIDIA H100": 2}
+    assert run(["db", "info", str(db_path)]) == 0
+    assert "devices    NVIDIA H100: 2, cpu: 1, unknown: 1" in capsys.readouterr().out

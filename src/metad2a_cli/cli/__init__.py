@@ -10,6 +10,7 @@ import os
 import sys
 
 import typer
+from rich.markup import escape
 
 from .._version import __version__
 from ..errors import UserError
@@ -59,13 +60,15 @@ def run(argv: list[str] | None = None) -> int:
     # On a 2-core machine busy with other work, spinning made encoding 4x slower
     # (docs/encoder.md). An explicit setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    argv = db.ray_address_optional(sys.argv[1:] if argv is None else argv)
     try:
         app(args=argv, prog_name="metad2a")
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
     except UserError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        # escape(): a message's own brackets (pip install 'metad2a[ray]') are text, not markup.
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return err.exit_code
     return 0
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import typer
 
+from ..errors import UserError
 from ..training.schedule import LabelSchedule
 from .common import console, err_console, print_json
 
@@ -11,6 +12,15 @@ app = typer.Typer(
     help="Build and inspect meta-training databases of (task, cell, accuracy) records.",
     no_args_is_help=True,
 )
+
+
+def ray_address_optional(argv: list[str]) -> list[str]:
+    """``--ray`` with no address (last, or before another option) means ``--ray local``:
+    typer has no option whose value may be left out."""
+    for k, arg in enumerate(argv):
+        if arg == "--ray" and (k + 1 == len(argv) or argv[k + 1].startswith("-")):
+            return [*argv[: k + 1], "local", *argv[k + 1 :]]
+    return argv
 
 
 @app.command("build")
@@ -28,17 +38,30 @@ def build(
     shard: str = typer.Option("0/1", "--shard", help="i/n: this builder trains every n-th task from the i-th."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     chunk: int = typer.Option(0, "--chunk", help="Cells trained together (0: 1 on CPU, 32 on GPU)."),
+    ray: str | None = typer.Option(
+        None, "--ray", metavar="[ADDRESS]",
+        help="Label on Ray: alone (or 'local') on a Ray instance started on this machine; auto, "
+        "host:6379 or ray://host:10001 on a running cluster. Needs pip install 'metad2a[ray]'.",
+    ),
+    ray_gpus_per_worker: float | None = typer.Option(
+        None, "--ray-gpus-per-worker",
+        help="Share of a GPU each Ray worker takes (0.25: four on a GPU; 0: CPUs only). Default: 1 where the cluster has GPUs.",
+    ),
 ) -> None:
     """Draw tasks from image collections and fit NB201 cells on them: each record is the
     validation accuracy `metad2a fit --epochs EPOCHS` would report for the cell on the task.
 
     Safe to interrupt: run the same command again to resume. Builders on different
-    --shard values can share a folder; `metad2a db merge` joins their records.
+    --shard values can share a folder; `metad2a db merge` joins their records. With --ray
+    the tasks are labeled on a Ray cluster and this process writes the records; --device is
+    then where the features are encoded (docs/distributed.md).
 
     Example: metad2a db build ./mydb -s ./data/caltech101 -s ./data/omniglot --tasks 50
+
+    Example: metad2a db build ./mydb -s /shared/caltech101 --tasks 3000 --ray auto  # a running cluster
     """
     from ..data.encoder import resolve_device
-    from ..meta.db import BuildSettings, parse_shard
+    from ..meta.db import BuildSettings, default_chunk, parse_shard
     from ..meta.db import build as build_db
 
     settings = BuildSettings(
@@ -51,8 +74,15 @@ def build(
         seed=seed,
         schedule=LabelSchedule(epochs=epochs),
     )
+    runner = None
+    if ray is not None:
+        from ..meta.distributed import ray_runner
+
+        runner = ray_runner(ray, ray_gpus_per_worker, chunk)
+    elif ray_gpus_per_worker is not None:
+        raise UserError("--ray-gpus-per-worker needs --ray")
     dev = resolve_device(device)
-    chunk = chunk or (32 if dev.type == "cuda" else 1)
+    chunk = chunk or default_chunk(str(dev))
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -62,22 +92,28 @@ def build(
     )
 
     with Progress(
-        TextColumn("training cells"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err_console,
     ) as bar:
-        job = bar.add_task("build", total=None, rate="")
+        # One bar for the labels wherever they train: on Ray it counts the whole cluster's.
+        job = bar.add_task("training cells" + (" on Ray" if runner else ""), total=None, rate="")
         stages: dict[str, int] = {}
 
         def features(stage: str, done: int, total: int) -> None:
             if stage not in stages:
-                stages[stage] = bar.add_task(stage, total=total, rate=stage)
+                stages[stage] = bar.add_task(stage, total=total, rate="")
             bar.update(stages[stage], completed=done, total=total)
 
         def report(done: int, todo: int, seconds: float) -> None:
             bar.update(job, completed=done, total=todo, rate=f"{60 * done / max(seconds, 1e-9):.1f} records/min")
 
-        written = build_db(db, source, settings, parse_shard(shard), device=str(dev), chunk=chunk,
-                           progress=report, feature_progress=features)
+        try:
+            written = build_db(db, source, settings, parse_shard(shard), device=str(dev), chunk=chunk,
+                               progress=report, feature_progress=features, runner=runner)
+        except KeyboardInterrupt:
+            bar.stop()
+            err_console.print("stopped: the records written so far are kept; run the same command to resume")
+            raise typer.Exit(130) from None
     console.print(f"{written} new records in {db}")
 
 
@@ -102,6 +138,7 @@ def info(
     console.print(f"tasks      {data['tasks']} drawn, {data['tasks_complete']} complete")
     console.print(f"records    {data['records']} ({data['unique_cells']} distinct cells)")
     console.print("sources    " + ", ".join(f"{k}: {v}" for k, v in sorted(data["tasks_per_source"].items())))
+    console.print("devices    " + ", ".join(f"{k}: {v}" for k, v in sorted(data["records_per_device"].items())), highlight=False)
     if acc["min"] is not None:
         console.print(f"accuracy   min {acc['min']:.1f}  median {acc['median']:.1f}  max {acc['max']:.1f}  (%)")
     console.print(f"build time {data['build_seconds'] / 60:.1f} min of training; {data['size_bytes'] / 1e6:.1f} MB on disk")

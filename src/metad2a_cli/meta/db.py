@@ -11,7 +11,9 @@ A record's accuracy is what ``metad2a fit`` would report for the cell on the tas
 the manifest's label schedule (``training.labels``). Records are appended and fsynced a line at a time, so killing a builder loses at most the
 cells in flight, and running the same command again skips every (task, cell) already
 recorded. Builders of different shards (``--shard i/n``) write different files; a second
-builder of the same shard is refused by a lock. ``merge`` joins the shard files.
+builder of the same shard is refused by a lock. ``merge`` joins the shard files. The labels
+may be trained elsewhere (``meta.distributed`` sends them to a Ray cluster); the builder's
+process stays the one writer of its shard file.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import os
+import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -297,6 +300,9 @@ class Database:
         for r in records:
             per_task[r.task] = per_task.get(r.task, 0) + 1
         complete = sum(1 for t in tasks if per_task.get(t.id, 0) >= len(t.cells))
+        devices: dict[str, int] = {}
+        for r in records:  # format-1 records do not say
+            devices[r.device or "unknown"] = devices.get(r.device or "unknown", 0) + 1
         sources: dict[str, int] = {}
         for t in tasks:
             if per_task.get(t.id):
@@ -312,6 +318,7 @@ class Database:
             "records": len(records),
             "unique_cells": len({r.cell for r in records}),
             "tasks_per_source": sources,
+            "records_per_device": devices,
             "accuracy": {
                 "min": float(acc.min()) if acc.size else None,
                 "median": float(np.median(acc)) if acc.size else None,
@@ -350,6 +357,66 @@ def task_seed(seed: int, task_id: str) -> int:
     return seed * 1_000_003 + int(task_id[1:])
 
 
+def default_chunk(device: str) -> int:
+    """Cells labeled together when the user did not say: one on the CPU, 32 on a GPU."""
+    import torch
+
+    return 32 if torch.device(device).type == "cuda" else 1
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """A task's cells still to label: what one builder, or one Ray task, trains at a time."""
+
+    task: Task
+    root: Path  # the task's source folder, at this path on every machine that trains
+    cells: tuple[str, ...]
+
+
+def label_unit(unit: WorkUnit, settings: BuildSettings, device: str, chunk: int) -> Iterator[list[Record]]:
+    """Label a unit's cells, ``chunk`` at a time; yields each chunk's records as they finish.
+
+    The one place a build trains: the local builder and the Ray workers both run this.
+    """
+    import torch
+
+    from ..training.labels import label_cells
+
+    task = unit.task
+    if not Path(unit.root).is_dir():
+        raise UserError(
+            f"source {unit.root} is not a folder on {platform.node()}; "
+            "every machine that labels needs the sources at the same path"
+        )
+    size = settings.schedule.input_size
+    train, val = load_task_images(unit.root, task.train, size), load_task_images(unit.root, task.val, size)
+    dev, name = torch.device(device), device_name(device)
+    for j in range(0, len(unit.cells), chunk):
+        group = unit.cells[j : j + chunk]
+        t0 = time.perf_counter()
+        labels = label_cells([Cell.parse(c) for c in group], train, val, settings.schedule, task_seed(settings.seed, task.id), dev)
+        seconds = (time.perf_counter() - t0) / len(group)
+        yield [
+            Record(task.id, c, round(label.accuracy, 4), round(seconds, 3), label.best_epoch,
+                   [round(a, 4) for a in label.curve], name)
+            for c, label in zip(group, labels)
+        ]
+
+
+# Runs work units somewhere and yields their records as they finish, in any order.
+Runner = Callable[[Sequence[WorkUnit], BuildSettings], Iterator[list[Record]]]
+
+
+def local_runner(device: str, chunk: int) -> Runner:
+    """Label every unit in this process, one after another."""
+
+    def run(units: Sequence[WorkUnit], settings: BuildSettings) -> Iterator[list[Record]]:
+        for unit in units:
+            yield from label_unit(unit, settings, device, chunk)
+
+    return run
+
+
 def build(
     db_path: Path,
     sources: Sequence[Path],
@@ -361,15 +428,19 @@ def build(
     progress: Callable[[int, int, float], None] | None = None,
     max_tasks: int | None = None,
     feature_progress: Callable[[str, int, int], None] | None = None,
+    runner: Runner | None = None,
 ) -> int:
-    """Build (or resume) a database; returns the number of records written in this run."""
-    import torch
+    """Build (or resume) a database; returns the number of records written in this run.
+
+    Features are encoded here on ``device``; the labels are trained by ``runner`` (by default
+    in this process on ``device``, ``chunk`` cells at a time; ``meta.distributed`` has a Ray
+    one). Whatever runs them, this process is the one writer of the records.
+    """
     from safetensors.numpy import save_file
 
     from ..data.encoder import DEFAULT_RESOLUTION, ImageEncoder
     from ..data.features import encode_images
     from ..data.images import read_image_folder
-    from ..training.labels import label_cells
 
     resolution = resolution or DEFAULT_RESOLUTION
     folders = {}
@@ -407,29 +478,25 @@ def build(
     mine = [t for k, t in enumerate(tasks) if k % n == i]
     if max_tasks is not None:
         mine = mine[:max_tasks]
-    todo = sum(1 for t in mine for c in t.cells if (t.id, c) not in done)
+    units = [
+        WorkUnit(t, folders[t.source].root, tuple(c for c in t.cells if (t.id, c) not in done))
+        for t in mine
+    ]
+    units = [u for u in units if u.cells]
+    todo = sum(len(u.cells) for u in units)
+    runner = runner or local_runner(device, chunk)
     written = 0
     t_start = time.perf_counter()
-    dev, name = torch.device(device), device_name(device)
-    with db.shard_writer(shard) as append:
-        for task in mine:
-            cells = [c for c in task.cells if (task.id, c) not in done]
-            if not cells:
-                continue
-            root = folders[task.source].root
-            size = settings.schedule.input_size
-            train, val = load_task_images(root, task.train, size), load_task_images(root, task.val, size)
-            for j in range(0, len(cells), chunk):
-                group = cells[j : j + chunk]
-                t0 = time.perf_counter()
-                labels = label_cells([Cell.parse(c) for c in group], train, val, settings.schedule, task_seed(settings.seed, task.id), dev)
-                seconds = (time.perf_counter() - t0) / len(group)
-                for c, label in zip(group, labels):
-                    append(Record(task.id, c, round(label.accuracy, 4), round(seconds, 3), label.best_epoch,
-                                  [round(a, 4) for a in label.curve], name))
+    # closing(): a runner's own clean-up (Ray cancels its tasks) runs as soon as the build
+    # stops, on an error or Ctrl-C included, not whenever the generator is collected.
+    with db.shard_writer(shard) as append, contextlib.closing(runner(units, settings)) as results:
+        for records in results:
+            for record in records:
+                key = (record.task, record.cell)
+                if key not in done:  # what a runner yields twice is written once
+                    done.add(key)
+                    append(record)
                     written += 1
-                if progress:
-                    progress(written, todo, time.perf_counter() - t_start)
+            if progress:
+                progress(written, todo, time.perf_counter() - t_start)
     return written
-
-
