@@ -29,7 +29,7 @@ from metad2a_cli.training.fit import (
     start_fit,
 )
 from metad2a_cli.training.fitdata import split_and_decode
-from metad2a_cli.training.recipe import crop_and_flip
+from metad2a_cli.training.augment import crop_and_flip
 from metad2a_cli.training.trainer import FitSettings, Reporter
 
 CELL = str(Cell.from_any("1462"))
