@@ -164,8 +164,12 @@ class TrivialAugment(Crop):
         ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, h, device=x.device)
         xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=x.device)
         base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, device=x.device)], -1)
-        scale = torch.tensor([0.5 * w, 0.5 * h], device=x.device)
-        grid = base.view(1, h * w, 3).expand(b, -1, -1).bmm(theta.transpose(1, 2) / scale).view(b, h, w, 2)
+        # Scaled to grid_sample's [-1, 1] by scalars: a tensor made from a list here would be a
+        # host-to-device copy, which a CUDA graph cannot capture.
+        rescaled = theta.transpose(1, 2).clone()
+        rescaled[..., 0] /= 0.5 * w
+        rescaled[..., 1] /= 0.5 * h
+        grid = base.view(1, h * w, 3).expand(b, -1, -1).bmm(rescaled).view(b, h, w, 2)
         warped = F.grid_sample(xf, grid, mode="nearest", padding_mode="zeros", align_corners=False).round_()
 
         # Blends with a degenerate image: black, grey, the mean grey, or a 3x3 blur inside a

@@ -308,13 +308,15 @@ def _run(halving: Halving, new_batch: int | None, device: str, reporter: Reporte
     for i, rung in enumerate(halving.rungs):
         standings = halving.standings()
         alive = [s for s in standings if s.out_after is None or s.out_after >= i]
-        for s in alive:
-            if len(s.history) >= rung.epoch:
-                continue
+        # Behind: short of the rung, or at the end of the schedule with the result unwritten.
+        behind = [s for s in alive if len(s.history) < rung.epoch or (rung.epoch == settings.epochs and not s.completed)]
+        for s in behind:
             c = s.candidate
+            first = min(len(s.history) + 1, rung.epoch)
+            epochs = f"epoch {first}" if first == rung.epoch else f"epochs {first}-{rung.epoch}"
             reporter.note(
-                f"rank {c.rank} (NB201 #{Cell.parse(c.cell).index}): epochs {len(s.history) + 1}-{rung.epoch} "
-                f"of {settings.epochs} (rung {i + 1} of {len(halving.rungs)}, {rung.cells} cells)"
+                f"rank {c.rank} (NB201 #{Cell.parse(c.cell).index}): {epochs} of {settings.epochs} "
+                f"(rung {i + 1} of {len(halving.rungs)})"
             )
             outcome = _advance(halving, c, rung.epoch, new_batch, device, _UntilEpoch(reporter, rung.epoch), decode_progress)
             if outcome.state.epoch < rung.epoch:  # stopped by the user
@@ -324,7 +326,7 @@ def _run(halving: Halving, new_batch: int | None, device: str, reporter: Reporte
         standings = halving.standings()
         halving.write(standings)
         out = [s for s in standings if s.out_after == i]
-        if out:
+        if out and behind:  # decided just now (a resumed run does not repeat old news)
             _draw_curves(halving, out)
             kept = [s for s in standings if s.out_after is None]
             reporter.note(
