@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,16 +62,24 @@ def test_halving_keeps_the_truly_better_cell(halved):
     assert json.loads((run / HALVING_JSON).read_text())["standings"] == summary["cells"]
 
 
-def test_a_halving_stopped_mid_rung_resumes_to_the_same_end(halved, images, tmp_path):
+def test_a_halving_stopped_twice_resumes_to_the_same_end(halved, images, tmp_path):
     run, straight = halved
-    # 39 training images at batch 8: 5 steps an epoch; 13 steps end inside the second cell's first epoch.
+    # 39 training images at batch 8: 5 steps an epoch, 10 to the first rung (epoch 2).
+    # 13 steps end inside the second cell's first rung.
     stopped = start_halving(images, SETTINGS, CANDIDATES, tmp_path / "run", batch_size=8, device="cpu",
                             reporter=StopAfter(steps=13))
-    assert not stopped.completed
+    assert not stopped.completed and [len(s.history) for s in stopped.standings] == [2, 0]
     with pytest.raises(UserError, match="--epochs 5 differs"):
         resume_halving(tmp_path / "run", given={"epochs": 5}, device="cpu")
     with pytest.raises(UserError, match="--top-k 3 differs"):
         resume_halving(tmp_path / "run", given={"top_k": 3}, device="cpu")
+    # 7 steps finish the first rung, 3 more stop the winner inside the second.
+    again = resume_halving(tmp_path / "run", device="cpu", reporter=StopAfter(steps=10))
+    assert not again.completed and again.winner is None
+    nothing, conv = again.standings
+    assert nothing.out_after == 0 and len(conv.history) == 2 and not conv.completed
+    with pytest.raises(UserError, match="has not finished"):
+        fitted_run_dir(tmp_path / "run")
     resumed = resume_halving(tmp_path / "run", device="cpu")
     assert resumed.completed
     assert [s.rung_acc for s in resumed.standings] == [s.rung_acc for s in straight.standings]
@@ -85,23 +94,31 @@ def test_top_k_from_the_cli_and_export_of_the_winner(images, tmp_path, capsys):
               "ranking": [{"rank": r + 1, "cell": c} for r, c in enumerate([NOTHING, CONV, NOTHING])]})
     args = ["--channels", "8", "--cells", "1", "--input-size", "16", "--lr", "0.05", "--batch-size", "8"]
     out = tmp_path / "top2"
-    assert cli.run(["fit", str(images), "--run", "last", "--top-k", "2", "--epochs", "2", *args, "-o", str(out),
-                    "--json"]) == 0
+    assert cli.run(["fit", str(images), "--run", "last", "--top-k", "2", "--epochs", "2", "--augment", "none", *args,
+                    "-o", str(out), "--json"]) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
-    assert "successive halving of the search's top 2 cells: 2 to epoch 1, 1 to epoch 2" in captured.err
-    assert summary["completed"] and summary["winner"]["cell"] == CONV
+    plan = "successive halving of the search's top 2 cells: 2 to epoch 1, 1 to epoch 2; 3 epochs of training in all"
+    assert captured.err.index(plan) < captured.err.index("training |")  # the budget comes before any training
+    assert summary["completed"] and summary["winner"]["cell"] == CONV and summary["budget_epochs"] == 3
     assert summary["cells"][1]["val_acc_per_rung"][1] is not None and summary["cells"][0]["out_after_rung"] == 1
-    model = tmp_path / "m.onnx"
-    assert cli.run(["export", "--from-fit", str(out), "-o", str(model), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["val_acc_exported"] >= 0 and model.is_file()
-    assert cli.run(["fit", "--resume", "-o", str(out), "--json"]) == 0  # finished: nothing to do
-    assert json.loads(capsys.readouterr().out)["winner"]["cell"] == CONV
+    winner = Path(summary["winner"]["run_dir"])
+    assert json.loads((winner / "fit.json").read_text())["settings"]["augment"] == "none"
+    assert json.loads((out / HALVING_JSON).read_text())["settings"]["augment"] == "none"
+    model = tmp_path / "m.pt2"  # torch's format: much quicker to write than ONNX, and the same metadata
+    assert cli.run(["export", "--from-fit", str(out), "-f", "torch", "-o", str(model), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["val_acc_exported"] == pytest.approx(summary["winner"]["best_val_acc"])
+    meta = json.loads(model.with_suffix(".json").read_text())
+    assert meta["fit"]["augment"] == "none" and meta["classes"] == ["blue", "green", "red"]
+    assert cli.run(["fit", "--resume", "-o", str(out)]) == 0  # finished: nothing to train, the table again
+    table = capsys.readouterr().out
+    assert "epoch 1" in table and "epoch 2" in table and "winner" in table and "stopped after rung 1" in table
     for bad, message in [
         (["--top-k", "1"], "--top-k must be at least 2"),
         (["--top-k", "4"], "ranks 3 cells; --top-k 4"),
         (["--top-k", "2", "--arch", "1462"], "leave out --arch"),
         (["--top-k", "2", "--rank", "2"], "leave out --rank"),
+        (["--top-k", "2", "--augment", "flip"], "--augment 'flip' is not a policy"),
     ]:
         assert cli.run(["fit", str(images), *bad, "-o", str(tmp_path / "x")]) == 2
         assert message in capsys.readouterr().err
