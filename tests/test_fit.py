@@ -197,8 +197,8 @@ def test_resume_may_change_the_batch_size_but_not_the_settings(images, tmp_path)
     start_fit(images, small(), tmp_path / "run", batch_size=8, device="cpu", reporter=StopAfter(steps=2))
     with pytest.raises(UserError, match="--lr 0.2 differs"):
         resume_fit(tmp_path / "run", given={"lr": 0.2}, device="cpu")
-    with pytest.raises(UserError, match="--augment none differs from the run's"):
-        resume_fit(tmp_path / "run", given={"augment": "none"}, device="cpu")
+    with pytest.raises(UserError, match="--augment crop-flip differs from the run's"):
+        resume_fit(tmp_path / "run", given={"augment": "crop-flip"}, device="cpu")
     with pytest.raises(UserError, match="keeps its cell"):
         resume_fit(tmp_path / "run", given={"cell": str(Cell.from_any("0"))}, device="cpu")
     notes = StopAfter()

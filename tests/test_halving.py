@@ -94,7 +94,7 @@ def test_top_k_from_the_cli_and_export_of_the_winner(images, tmp_path, capsys):
               "ranking": [{"rank": r + 1, "cell": c} for r, c in enumerate([NOTHING, CONV, NOTHING])]})
     args = ["--channels", "8", "--cells", "1", "--input-size", "16", "--lr", "0.05", "--batch-size", "8"]
     out = tmp_path / "top2"
-    assert cli.run(["fit", str(images), "--run", "last", "--top-k", "2", "--epochs", "2", "--augment", "none", *args,
+    assert cli.run(["fit", str(images), "--run", "last", "--top-k", "2", "--epochs", "2", "--augment", "crop", *args,
                     "-o", str(out), "--json"]) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
@@ -103,13 +103,13 @@ def test_top_k_from_the_cli_and_export_of_the_winner(images, tmp_path, capsys):
     assert summary["completed"] and summary["winner"]["cell"] == CONV and summary["budget_epochs"] == 3
     assert summary["cells"][1]["val_acc_per_rung"][1] is not None and summary["cells"][0]["out_after_rung"] == 1
     winner = Path(summary["winner"]["run_dir"])
-    assert json.loads((winner / "fit.json").read_text())["settings"]["augment"] == "none"
-    assert json.loads((out / HALVING_JSON).read_text())["settings"]["augment"] == "none"
+    assert json.loads((winner / "fit.json").read_text())["settings"]["augment"] == "crop"
+    assert json.loads((out / HALVING_JSON).read_text())["settings"]["augment"] == "crop"
     model = tmp_path / "m.pt2"  # torch's format: much quicker to write than ONNX, and the same metadata
     assert cli.run(["export", "--from-fit", str(out), "-f", "torch", "-o", str(model), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["val_acc_exported"] == pytest.approx(summary["winner"]["best_val_acc"])
     meta = json.loads(model.with_suffix(".json").read_text())
-    assert meta["fit"]["augment"] == "none" and meta["classes"] == ["blue", "green", "red"]
+    assert meta["fit"]["augment"] == "crop" and meta["classes"] == ["blue", "green", "red"]
     assert cli.run(["fit", "--resume", "-o", str(out)]) == 0  # finished: nothing to train, the table again
     table = capsys.readouterr().out
     assert "epoch 1" in table and "epoch 2" in table and "winner" in table and "stopped after rung 1" in table
