@@ -34,15 +34,10 @@ import torch.nn.functional as F
 
 from metad2a_cli.nb201.cells import Cell
 from metad2a_cli.nb201.network import Network
+from metad2a_cli.training.augment import crop_and_flip
 from metad2a_cli.training.fitdata import LabeledImages
-from metad2a_cli.training.trainer import (
-    FitSettings,
-    FitState,
-    Reporter,
-    Trainer,
-    cosine_lr,
-    crop_and_flip,
-)
+from metad2a_cli.training.recipe import cosine_lr
+from metad2a_cli.training.trainer import FitSettings, FitState, Reporter, Trainer
 
 RESNET = "|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|"
 
@@ -134,7 +129,7 @@ def eager_epochs(cell: Cell, data: LabeledImages, classes: int, batch: int, epoc
 def fit_epochs(cell: Cell, data: LabeledImages, classes: int, batch: int, epochs: int, device: torch.device, seed: int, budget_s: float, compile_mode: str | None = None) -> tuple[list[float], float]:
     """metad2a's Trainer; returns (seconds per epoch, seconds spent in the first epoch)."""
     mean, std = [0.5] * 3, [0.25] * 3
-    trainer = Trainer(FitSettings(cell=str(cell), epochs=epochs, seed=seed), [str(i) for i in range(classes)],
+    trainer = Trainer(FitSettings(cell=str(cell), epochs=epochs, seed=seed, augment="crop-flip"), [str(i) for i in range(classes)],
                       mean, std, data, LabeledImages(data.images[:2], data.labels[:2]), FitState(batch_size=batch),
                       device, Reporter())
     if compile_mode:

@@ -4,15 +4,18 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from metad2a_cli import cli
 from metad2a_cli.data.images import read_image_folder
 from metad2a_cli.errors import UserError
 from metad2a_cli.meta.db import BuildSettings, Database, build, draw_tasks, parse_shard
+from metad2a_cli.training.policies import DEFAULT_AUGMENT
 from metad2a_cli.training.schedule import LabelSchedule
 
 TINY = LabelSchedule(epochs=1, channels=2, cells_per_stage=1, input_size=16)
@@ -79,6 +82,22 @@ def test_build_end_to_end_and_resume(sources, tmp_path):
     # Other settings on the same folder are refused.
     with pytest.raises(UserError, match="other settings"):
         build(db_path, sources, settings(cells_per_task=3), device="cpu")
+    # A manifest from before the labels' augmentation was recorded reads as crop-flip's.
+    assert manifest["settings"]["schedule"]["augment"] == DEFAULT_AUGMENT
+    del manifest["settings"]["schedule"]["augment"]
+    (db_path / "manifest.json").write_text(json.dumps(manifest))
+    assert build(db_path, sources, settings(schedule=replace(TINY, augment="crop-flip")), device="cpu") == 0
+    if DEFAULT_AUGMENT != "crop-flip":
+        with pytest.raises(UserError, match="other settings"):
+            build(db_path, sources, settings(), device="cpu")
+
+
+def test_db_info_resolves_a_shipped_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no folder of that name here
+    assert cli.run(["db", "info", "nb201", "--json"]) == 0
+    assert Path(json.loads(capsys.readouterr().out)["path"]).parts[-2:] == ("databases", "nb201")
+    assert cli.run(["db", "info", "no-such-db"]) == 2
+    assert "no database 'no-such-db'" in capsys.readouterr().err
 
 
 def test_shards_lock_and_merge(sources, tmp_path):

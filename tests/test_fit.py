@@ -29,7 +29,8 @@ from metad2a_cli.training.fit import (
     start_fit,
 )
 from metad2a_cli.training.fitdata import split_and_decode
-from metad2a_cli.training.recipe import crop_and_flip
+from metad2a_cli.training.augment import crop_and_flip
+from metad2a_cli.training.policies import DEFAULT_AUGMENT
 from metad2a_cli.training.trainer import FitSettings, Reporter
 
 CELL = str(Cell.from_any("1462"))
@@ -121,6 +122,7 @@ def test_short_fit_learns_an_easy_task(fitted_run):
     assert outcome.state.best["val_acc"] >= 75.0  # chance is 33%
     record = json.loads((run / FIT_JSON).read_text())
     assert record["dataset"]["classes"] == ["blue", "green", "red"]
+    assert record["settings"]["augment"] == DEFAULT_AUGMENT
     assert record["result"]["val_acc"] == pytest.approx(outcome.state.best["val_acc"])
     assert np.array(record["result"]["confusion"]).sum() == record["dataset"]["num_val"]
     for png in (CONFUSION_PNG, CURVES_PNG):
@@ -195,6 +197,8 @@ def test_resume_may_change_the_batch_size_but_not_the_settings(images, tmp_path)
     start_fit(images, small(), tmp_path / "run", batch_size=8, device="cpu", reporter=StopAfter(steps=2))
     with pytest.raises(UserError, match="--lr 0.2 differs"):
         resume_fit(tmp_path / "run", given={"lr": 0.2}, device="cpu")
+    with pytest.raises(UserError, match="--augment crop-flip differs from the run's"):
+        resume_fit(tmp_path / "run", given={"augment": "crop-flip"}, device="cpu")
     with pytest.raises(UserError, match="keeps its cell"):
         resume_fit(tmp_path / "run", given={"cell": str(Cell.from_any("0"))}, device="cpu")
     notes = StopAfter()
@@ -230,11 +234,11 @@ def test_export_reproduces_the_fitted_model(fitted_run, tmp_path, fmt):
     if fmt == "onnx":
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         (out,) = session.run(None, {"images": x.numpy()})
-        meta = session.get_modelmeta().custom_metadata_map
-        assert json.loads(meta["classes"]) == ["blue", "green", "red"]
+        meta = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items() if k in ("classes", "fit")}
     else:
         out = torch.export.load(str(path)).module()(x).detach().numpy()
-        assert json.loads(path.with_suffix(".json").read_text())["classes"] == ["blue", "green", "red"]
+        meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["classes"] == ["blue", "green", "red"] and meta["fit"]["augment"] == DEFAULT_AUGMENT
     assert np.abs(out - ref).max() <= 1e-4
 
 

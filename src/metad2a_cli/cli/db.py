@@ -34,6 +34,9 @@ def build(
     images_per_class: int = typer.Option(100, "--images-per-class", help="Train + validation images per class."),
     features_per_class: int = typer.Option(30, "--features-per-class", help="Encoder features stored per class."),
     epochs: int = typer.Option(LabelSchedule.epochs, "--epochs", help="Epochs of each cell's fit (the label's budget)."),
+    augment: str = typer.Option(
+        LabelSchedule.augment, "--augment", help="Augmentation of each cell's fit (see `metad2a fit --help`)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seeds the tasks, the cells and the training."),
     shard: str = typer.Option("0/1", "--shard", help="i/n: this builder trains every n-th task from the i-th."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -63,7 +66,9 @@ def build(
     from ..data.encoder import resolve_device
     from ..meta.db import BuildSettings, default_chunk, parse_shard
     from ..meta.db import build as build_db
+    from ..training.policies import check_policy
 
+    check_policy(augment)
     settings = BuildSettings(
         num_tasks=tasks,
         min_classes=min_classes,
@@ -72,7 +77,7 @@ def build(
         features_per_class=features_per_class,
         cells_per_task=cells_per_task,
         seed=seed,
-        schedule=LabelSchedule(epochs=epochs),
+        schedule=LabelSchedule(epochs=epochs, augment=augment),
     )
     runner = None
     if ray is not None:
@@ -119,16 +124,17 @@ def build(
 
 @app.command("info")
 def info(
-    db: Path = typer.Argument(..., help="Database folder."),
+    db: str = typer.Argument(..., help="Database folder, or the name of a shipped one (nb201)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Tasks, records, sources and the accuracy distribution of a database.
 
-    Example: metad2a db info ./mydb --json
+    Example: metad2a db info nb201 --json
     """
     from ..meta.db import Database
+    from ..meta.train import resolve_database
 
-    data = Database(db).info()
+    data = Database(resolve_database(db)).info()
     if as_json:
         print_json(data)
         return

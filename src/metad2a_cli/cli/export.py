@@ -14,7 +14,9 @@ def export(
     arch: str = typer.Option(None, "--arch", help="Cell string or NB201 index to export."),
     run: str = typer.Option(None, "--run", help="A saved search run: its id, 'last', or a run file."),
     rank: int = typer.Option(1, "--rank", help="With --run: which ranked cell (1 = best)."),
-    from_fit: Path = typer.Option(None, "--from-fit", help="A `metad2a fit` run folder: export its trained network."),
+    from_fit: Path = typer.Option(
+        None, "--from-fit", help="A `metad2a fit` run folder: export its trained network (of a --top-k fit, the winner's)."
+    ),
     num_classes: int = typer.Option(None, "--num-classes", help="Classes (default 10, or the run's)."),
     input_size: tuple[int, int] = typer.Option(None, "--input-size", help="Input height and width (default 32 32)."),
     in_channels: int = typer.Option(None, "--in-channels", help="Image channels: 1 or 3 (default 3, or the run's)."),
@@ -77,9 +79,10 @@ def export(
 
 def _export_fitted(run_dir: Path, fmt: str, output: Path, as_json: bool) -> None:
     from ..training.fit import export_fitted
+    from ..training.halving import fitted_run_dir
 
     with err_console.status(f"Exporting {fmt} and checking it on the validation images..."):
-        result = export_fitted(run_dir, fmt, output)
+        result = export_fitted(fitted_run_dir(run_dir), fmt, output)
     c = result.checks
     _report(
         result,

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from ..errors import UserError
+from ..training.policies import AUGMENT_POLICIES, DEFAULT_AUGMENT
 from .common import console, err_console, print_json
 
 INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C
@@ -16,7 +17,12 @@ def fit(
     root: Path = typer.Argument(None, help="ROOT/<class>/<images> (or a .csv/.json list); with --resume, default: the run's folder."),
     output: Path = typer.Option(..., "-o", "--output", help="Run folder: checkpoints, plots and fit.json go here."),
     run: str = typer.Option(None, "--run", help="Saved search run whose cell to train: its id, 'last' (the default), or a run file."),
-    rank: int = typer.Option(1, "--rank", help="With --run: which ranked cell (1 = best)."),
+    rank: int = typer.Option(None, "--rank", help="With --run: which ranked cell (default 1, the best)."),
+    top_k: int = typer.Option(
+        None, "--top-k",
+        help="Train the search run's K best cells by successive halving and keep the winner: all K for a "
+        "few epochs, then the better half on, until one finishes; each cell's run is kept under --output.",
+    ),
     arch: str = typer.Option(None, "--arch", help="Train this cell instead: a cell string or NB201 index."),
     epochs: int = typer.Option(None, "--epochs", help="Epochs of the cosine schedule (default 30)."),
     channels: int = typer.Option(None, "--channels", help="Width C of the first stage (default 16)."),
@@ -27,6 +33,12 @@ def fit(
     input_size: int = typer.Option(None, "--input-size", help="Images are resized to SxS (default 32)."),
     val_fraction: float = typer.Option(None, "--val-fraction", help="Share of each class held out for validation (default 0.2)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    augment: str = typer.Option(
+        None, "--augment",
+        help="What each training image goes through: "
+        + "; ".join(f"{name}: {what}" for name, what in AUGMENT_POLICIES.items())
+        + f" (default {DEFAULT_AUGMENT}).",
+    ),
     seed: int = typer.Option(None, "--seed", help="Seeds the split, initial weights and augmentation (default 0)."),
     resume: bool = typer.Option(False, "--resume", help="Go on with the stopped run in --output."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
@@ -39,29 +51,35 @@ def fit(
 
     Examples:
       metad2a search ./my_images && metad2a fit ./my_images -o runs/mine
-      metad2a fit ./my_images --arch 1462 --epochs 50 -o runs/resnet
+      metad2a fit ./my_images --arch 1462 --epochs 50 --augment crop-flip -o runs/resnet
       metad2a fit --resume -o runs/mine
+      metad2a fit ./my_images --run last --top-k 4 -o runs/top4 && metad2a export --from-fit runs/top4 -o best.onnx
     """
     from ..data.images import summarize
     from ..training.fit import resume_fit, start_fit
+    from ..training.halving import HALVING_JSON
     from ..training.trainer import FitSettings
 
     settings_given = {
         "epochs": epochs, "channels": channels, "cells_per_stage": cells, "lr": lr,
         "weight_decay": weight_decay, "input_size": input_size, "val_fraction": val_fraction, "seed": seed,
+        "augment": augment,
     }
     settings_given = {k: v for k, v in settings_given.items() if v is not None}
+    if top_k is not None or (resume and (output / HALVING_JSON).is_file()):
+        _fit_top_k(root, output, run, rank, arch, top_k, settings_given, batch_size, device, resume, as_json)
+        return
     reporter = ProgressReporter()
     with reporter.bar, _ctrl_c_stops(reporter):
         if resume:
             if arch is not None or run is not None:
-                settings_given["cell"], _ = _chosen_cell(arch, run, rank)
+                settings_given["cell"], _ = _chosen_cell(arch, run, rank or 1)
             outcome = resume_fit(output, root, given=settings_given, batch_size=batch_size, device=device,
                                  reporter=reporter, decode_progress=reporter.decoding)
         else:
             if root is None:
                 raise UserError("give the image folder to train on: metad2a fit ROOT -o RUN_DIR")
-            cell, source = _chosen_cell(arch, run, rank)
+            cell, source = _chosen_cell(arch, run, rank or 1)
             settings = FitSettings(cell=cell, **settings_given)
             outcome = start_fit(root, settings, output, batch_size=batch_size, device=device, source=source,
                                 reporter=reporter, decode_progress=reporter.decoding)
@@ -80,6 +98,76 @@ def fit(
             highlight=False,
         )
         raise typer.Exit(INTERRUPTED)
+
+
+def _fit_top_k(root, output, run, rank, arch, top_k, settings_given, batch_size, device, resume, as_json) -> None:
+    from ..training.halving import resume_halving, start_halving
+    from ..training.trainer import FitSettings
+
+    if arch is not None or rank is not None:
+        raise UserError(f"--top-k trains the search run's best cells; leave out {'--arch' if arch else '--rank'}")
+    reporter = ProgressReporter()
+    with reporter.bar, _ctrl_c_stops(reporter):
+        if resume:
+            outcome = resume_halving(output, root, given={**settings_given, "top_k": top_k}, batch_size=batch_size,
+                                     device=device, reporter=reporter, decode_progress=reporter.decoding)
+        else:
+            if root is None:
+                raise UserError("give the image folder to train on: metad2a fit ROOT --top-k K -o RUN_DIR")
+            candidates = _top_cells(run, top_k)
+            settings = FitSettings(cell=candidates[0].cell, **settings_given)
+            outcome = start_halving(root, settings, candidates, output, batch_size=batch_size, device=device,
+                                    reporter=reporter, decode_progress=reporter.decoding)
+    summary = outcome.summary()
+    if as_json:
+        print_json(summary)
+    else:
+        _print_standings(summary)
+    if not outcome.completed:
+        err_console.print(f"stopped; go on with: metad2a fit --resume -o {output}", highlight=False)
+        raise typer.Exit(INTERRUPTED)
+
+
+def _top_cells(run: str | None, k: int):
+    from ..meta.runs import load_run
+    from ..training.halving import Candidate
+
+    if k < 2:
+        raise UserError(f"--top-k must be at least 2, got {k}; for one cell use --rank")
+    saved = load_run(run or "last")
+    if k > len(saved.ranking):
+        raise UserError(f"run {saved.id} ranks {len(saved.ranking)} cells; --top-k {k} asks for more")
+    source = {"search_run": saved.id, "classes": list(saved.classes)}
+    return [Candidate(r, str(saved.at_rank(r)), {**source, "rank": r}) for r in range(1, k + 1)]
+
+
+def _print_standings(summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="validation accuracy (best so far) at each rung", title_justify="left")
+    table.add_column("rank", justify="right")
+    table.add_column("cell (NB201 #)", justify="right")
+    for rung in summary["rungs"]:
+        table.add_column(f"epoch {rung['epoch']}", justify="right")
+    table.add_column("")
+    for c in summary["cells"]:
+        accs = [f"{a:.1f}%" if a is not None else "" for a in c["val_acc_per_rung"]]
+        if summary["winner"] and c["rank"] == summary["winner"]["rank"]:
+            status = "winner"
+        elif c["out_after_rung"] is not None:
+            status = f"stopped after rung {c['out_after_rung']}"
+        else:
+            status = "training"
+        table.add_row(str(c["rank"]), str(c["nb201_index"]), *accs, status)
+    console.print(table)
+    console.print(
+        f"{summary['budget_epochs']} epochs trained in {summary['train_seconds'] / 60:.1f} min; "
+        f"each cell's run is under {summary['run_dir']}",
+        highlight=False,
+    )
+    if summary["winner"]:
+        console.print(f"export the winner with: metad2a export --from-fit {summary['run_dir']} --format onnx -o model.onnx",
+                      highlight=False)
 
 
 def _chosen_cell(arch: str | None, run: str | None, rank: int) -> tuple[str, dict]:
@@ -122,6 +210,7 @@ class ProgressReporter:
     def start(self, info: dict) -> None:
         self.info = info
         self.training = True
+        self.best = None  # a top-k fit starts one run after another
         self.t0 = time.perf_counter()
         n, epochs = info["num_train"], info["epochs"]
         self.done_before = info["epoch"] * n + info["seen"]

@@ -34,6 +34,7 @@ import numpy as np
 from ..atomic import atomic_paths
 from ..errors import UserError
 from ..nb201.cells import Cell
+from ..training.policies import LEGACY_AUGMENT
 from ..training.schedule import LabelSchedule
 
 # 2: labels are shortened fits of the full network (1: a shrunken proxy network's).
@@ -224,7 +225,7 @@ class Database:
         if (self.path / MANIFEST).is_file():
             old = self.manifest
             for key in ("encoder", "settings", "sources"):
-                if old.get(key) != manifest.get(key):
+                if _as_now(key, old.get(key)) != manifest.get(key):
                     raise UserError(
                         f"{self.path} was built with other {key} than asked now; "
                         "use a new folder or the original settings"
@@ -328,6 +329,14 @@ class Database:
             "build_seconds": float(sum(r.seconds for r in records)),
             "size_bytes": size,
         }
+
+
+def _as_now(key: str, value):
+    """A manifest entry as this version records it: a schedule from before the labels'
+    augmentation was recorded trained with the policy every label then used."""
+    if key == "settings" and isinstance(value, dict) and isinstance(value.get("schedule"), dict):
+        return {**value, "schedule": {"augment": LEGACY_AUGMENT, **value["schedule"]}}
+    return value
 
 
 # -- the builder -----------------------------------------------------------------------------

@@ -301,8 +301,9 @@ def resume_fit(
     dev = _device(device)
     run = RunFolder(run_dir)
     record = run.read_record()
-    settings = FitSettings(**record["settings"])
-    _check_same_settings(given or {}, settings)
+    settings = FitSettings.from_record(record["settings"])
+    record["settings"] = asdict(settings)  # an old record gains the policy it trained with
+    check_same_settings(given or {}, settings)
     tensors, meta = load_tensors(run / LAST)
     state = FitState.from_dict(meta["state"])
     if state.completed and _is_finished(run, record):
@@ -370,7 +371,7 @@ def _train(run: RunFolder, trainer: Trainer, record: dict, skipped: list[Skipped
     return FitOutcome(run.path, True, state, record, skipped)
 
 
-def _check_same_settings(given: dict, saved: FitSettings) -> None:
+def check_same_settings(given: dict, saved: FitSettings) -> None:
     """A resumed run keeps its settings: one the user names with another value is a mistake."""
     for name, value in given.items():
         if value is None or value == getattr(saved, name):
@@ -410,7 +411,7 @@ def load_fitted(run_dir: Path) -> FittedModel:
     if not (run / BEST).is_file():
         raise UserError(f"{run.path} has no finished epoch yet (no {BEST}); resume the fit first")
     classes = record["dataset"]["classes"]
-    net = _load_best(run, FitSettings(**record["settings"]), len(classes))
+    net = _load_best(run, FitSettings.from_record(record["settings"]), len(classes))
     return FittedModel(net.eval(), classes, _load_validation(run), record)
 
 
@@ -455,7 +456,7 @@ def export_fitted(run_dir: Path, fmt: str, path: Path):
     from ..nb201.export import export_network
 
     fitted = load_fitted(run_dir)
-    settings, dataset = fitted.record["settings"], fitted.record["dataset"]
+    settings, dataset = asdict(FitSettings.from_record(fitted.record["settings"])), fitted.record["dataset"]
     best = (fitted.record.get("state") or {}).get("best") or {}
     meta = {
         "classes": fitted.classes,
@@ -465,6 +466,11 @@ def export_fitted(run_dir: Path, fmt: str, path: Path):
             "mean": dataset["mean"],
             "std": dataset["std"],
         },
-        "fit": {"epoch": best.get("epoch"), "val_acc": best.get("val_acc"), "num_train": dataset["num_train"]},
+        "fit": {
+            "epoch": best.get("epoch"),
+            "val_acc": best.get("val_acc"),
+            "num_train": dataset["num_train"],
+            "augment": settings["augment"],
+        },
     }
     return export_network(fitted.network, fmt, path, meta=meta, validate=accuracy_check(fitted))

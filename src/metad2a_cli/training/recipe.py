@@ -1,9 +1,9 @@
 """The training recipe that `fit` and the database's labels share.
 
 NAS-Bench-201's recipe: SGD with Nesterov momentum 0.9 and weight decay 5e-4, learning
-rate 0.1 annealed to zero on a cosine over the images seen, random crop of the zero-padded
-image (pad S/8) and a horizontal flip. Images stay uint8 on the device and are augmented
-there; tensors are channels-last; on a GPU the forward pass runs in bfloat16.
+rate 0.1 annealed to zero on a cosine over the images seen; the augmentation is a policy
+(``augment``). Images stay uint8 on the device and are augmented there; tensors are
+channels-last; on a GPU the forward pass runs in bfloat16.
 
 Randomness is a function of (seed, epoch, position in the epoch), never of a generator's
 running state, so a run stopped anywhere resumes exactly, and two runs that train
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .augment import Policy
 
 MAX_DEFAULT_BATCH = 256
 MIN_DEFAULT_BATCH = 16
@@ -61,40 +63,24 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """An epoch's randomness, drawn up front: image order, crop offsets, flips."""
+    """An epoch's randomness, drawn up front: the image order and the augmentation policy's
+    per-image parameters."""
 
     order: torch.Tensor  # (N,) int64
-    offsets: torch.Tensor  # (N, 2) int64, in [0, 2 * pad]
-    flips: torch.Tensor  # (N,) bool
+    params: tuple[torch.Tensor, ...]  # each (N, ...)
 
     @classmethod
-    def draw(cls, seed: int, epoch: int, n: int, pad: int, device: torch.device | str = "cpu") -> EpochPlan:
+    def draw(cls, seed: int, epoch: int, n: int, policy: Policy, device: torch.device | str = "cpu") -> EpochPlan:
         # Drawn on the CPU (the same on every device), then copied once: a copy from pageable
         # host memory every step would wait for the GPU and leave it idle between steps.
         g = _epoch_generator(seed, epoch)
         order = torch.randperm(n, generator=g)
-        offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=g)
-        flips = torch.rand(n, generator=g) < 0.5
-        return cls(order.to(device), offsets.to(device), flips.to(device))
+        params = policy.draw(g, n)
+        return cls(order.to(device), tuple(p.to(device) for p in params))
 
-
-def crop_and_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
-    """Per-image random crop of the zero-padded image, then an optional mirror, in one gather.
-
-    images: (B, C, S, S) any dtype; offsets: (B, 2) row/column start in the padded image.
-    """
-    b, c, h, w = images.shape
-    dev = images.device
-    padded = F.pad(images, (pad, pad, pad, pad))
-    rows = offsets[:, :1] + torch.arange(h, device=dev)  # (B, H)
-    cols = offsets[:, 1:] + torch.arange(w, device=dev)  # (B, W)
-    cols = torch.where(flips[:, None], cols.flip(1), cols)
-    return padded[
-        torch.arange(b, device=dev)[:, None, None, None],
-        torch.arange(c, device=dev)[None, :, None, None],
-        rows[:, None, :, None],
-        cols[:, None, None, :],
-    ]
+    def batch(self, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+        """(order, *params) of the images at positions start..stop of the epoch."""
+        return (self.order[start:stop], *(p[start:stop] for p in self.params))
 
 
 def members_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from ..nb201.cells import Cell
+from .policies import DEFAULT_AUGMENT, LEGACY_AUGMENT
 
 if TYPE_CHECKING:
     from .trainer import FitSettings
@@ -19,18 +20,19 @@ class LabelSchedule:
     channels: int = 16
     cells_per_stage: int = 5
     input_size: int = 32
+    augment: str = DEFAULT_AUGMENT
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> LabelSchedule:
-        return cls(**data)
+        return cls(**{"augment": LEGACY_AUGMENT, **data})
 
     def fit_settings(self, cell: Cell, seed: int) -> FitSettings:
         from .trainer import FitSettings
 
         return FitSettings(
             cell=str(cell), channels=self.channels, cells_per_stage=self.cells_per_stage,
-            input_size=self.input_size, epochs=self.epochs, seed=seed,
+            input_size=self.input_size, epochs=self.epochs, seed=seed, augment=self.augment,
         )

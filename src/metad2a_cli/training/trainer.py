@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import UserError
 from ..nb201.cells import Cell
 from ..nb201.network import Network, NetworkConfig, count_parameters
+from .augment import make_policy
 from .fitdata import LabeledImages
 from .recipe import (
     CHANNELS_LAST,
@@ -26,10 +27,10 @@ from .recipe import (
     NesterovSGD,
     autocast,
     cosine_lr,
-    crop_and_flip,
     members_loss,
     to_unit,
 )
+from .policies import DEFAULT_AUGMENT, LEGACY_AUGMENT, check_policy
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,17 @@ class FitSettings:
     weight_decay: float = 5e-4
     val_fraction: float = 0.2
     seed: int = 0
+    augment: str = DEFAULT_AUGMENT
+
+    @classmethod
+    def from_record(cls, settings: dict) -> FitSettings:
+        """The settings a fit.json records; one from before ``augment`` was recorded trained
+        with the policy every fit then used."""
+        return cls(**{"augment": LEGACY_AUGMENT, **settings})
 
     def validate(self) -> None:
         Cell.parse(self.cell)
+        check_policy(self.augment)
         if self.epochs < 1:
             raise UserError(f"--epochs must be at least 1, got {self.epochs}")
         if not self.lr > 0:
@@ -179,7 +188,7 @@ class Trainer:
     ):
         self.settings, self.classes, self.state, self.device = settings, classes, state, device
         self.reporter = reporter
-        self.pad = max(1, settings.input_size // 8)
+        self.policy = make_policy(settings.augment, settings.input_size)
         self.model = model.to(device, memory_format=CHANNELS_LAST)
         self.optimizer = NesterovSGD(list(self.model.parameters()), settings.momentum, settings.weight_decay)
         self.use_graph = cuda_graph and device.type == "cuda"
@@ -233,12 +242,12 @@ class Trainer:
         correct = (logits.reshape(-1, *logits.shape[-2:]).argmax(-1) == labels).sum()
         return loss.detach() * len(labels), correct
 
-    def _batch(self, order: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = crop_and_flip(self.train_x[order], offsets, flips, self.pad)
+    def _batch(self, order: torch.Tensor, *params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self.policy.apply(self.train_x[order], *params)
         return to_unit(images).contiguous(memory_format=CHANNELS_LAST), self.train_y[order]
 
     def _step(self, plan: EpochPlan, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = (plan.order[start:stop], plan.offsets[start:stop], plan.flips[start:stop])
+        inputs = plan.batch(start, stop)
         size = stop - start
         if self.use_graph and size == self.state.batch_size:
             if size in self._graphs:
@@ -317,7 +326,7 @@ class Trainer:
     def run_epoch(self) -> bool:
         """Train from the saved position to the end of the epoch; False when asked to stop."""
         st, n = self.state, self.num_train
-        plan = EpochPlan.draw(self.settings.seed, st.epoch, n, self.pad, self.device)
+        plan = EpochPlan.draw(self.settings.seed, st.epoch, n, self.policy, self.device)
         self.model.train()
         t0 = time.perf_counter()
         loss_acc = torch.zeros((), device=self.device)
