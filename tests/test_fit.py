@@ -277,6 +277,19 @@ def test_too_few_images_for_the_split(tmp_path):
         start_fit(root, small(), tmp_path / "run", device="cpu")
 
 
+def test_a_diverged_fit_stops_and_keeps_the_last_good_checkpoint(images, tmp_path, capsys):
+    # A learning rate this large sends the weights, then the loss, to inf/NaN in epoch 1.
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match="diverged in epoch 1.*lower --lr"):
+        start_fit(images, small(lr=1e30, epochs=2), run, batch_size=8, device="cpu")
+    tensors, meta = load_tensors(run / LAST)
+    assert meta["state"]["epoch"] == 0 and meta["state"]["history"] == []
+    assert all(bool(torch.isfinite(t).all()) for t in tensors.values())
+    assert not (run / BEST).exists()
+    assert cli.run(["fit", str(images), "--arch", "1462", "--lr", "inf", "-o", str(tmp_path / "r")]) == 2
+    assert "--lr must be a positive finite number, got inf" in capsys.readouterr().err
+
+
 def test_no_free_disk(images, tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple

@@ -15,6 +15,7 @@ resuming and finishing a run.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -356,9 +357,11 @@ def _train(run: RunFolder, trainer: Trainer, record: dict, skipped: list[Skipped
         })
     while not state.completed:
         if not trainer.run_epoch():
+            _check_finite(run, state.epoch + 1, state.running.loss_sum)
             _save_progress(run, trainer, record)
             return FitOutcome(run.path, False, state, record, skipped)
         entry, ev = trainer.finish_epoch()
+        _check_finite(run, entry["epoch"], entry["train_loss"], ev.loss)
         if state.best is None or ev.accuracy > state.best["val_acc"]:
             state.best = {"epoch": entry["epoch"], "val_acc": ev.accuracy, "val_loss": ev.loss}
             _save_best(run, trainer, record)
@@ -368,6 +371,17 @@ def _train(run: RunFolder, trainer: Trainer, record: dict, skipped: list[Skipped
     if not _is_finished(run, record):
         _finish(run, trainer, record)
     return FitOutcome(run.path, True, state, record, skipped)
+
+
+def _check_finite(run: RunFolder, epoch: int, *losses: float) -> None:
+    """A NaN or infinite loss means the weights are lost: stop before they overwrite the
+    last checkpoint, which then still holds the last good epoch."""
+    bad = next((x for x in losses if not math.isfinite(x)), None)
+    if bad is not None:
+        raise UserError(
+            f"training diverged in epoch {epoch} (loss {bad}); lower --lr. {run / LAST} keeps "
+            "the last checkpoint before it"
+        )
 
 
 def _check_same_settings(given: dict, saved: FitSettings) -> None:

@@ -51,10 +51,10 @@ class FitSettings:
         Cell.parse(self.cell)
         if self.epochs < 1:
             raise UserError(f"--epochs must be at least 1, got {self.epochs}")
-        if not self.lr > 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
-        if self.weight_decay < 0:
-            raise UserError(f"--weight-decay must not be negative, got {self.weight_decay}")
+        if not 0 < self.lr < math.inf:
+            raise UserError(f"--lr must be a positive finite number, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise UserError(f"--weight-decay must be a finite number, at least 0, got {self.weight_decay}")
         self.network_config(2).validate()
 
     def network_config(self, num_classes: int) -> NetworkConfig:
