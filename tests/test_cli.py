@@ -64,6 +64,18 @@ def test_export_onnx_from_cli(tmp_path, capsys):
     assert info["nb201_index"] == 11472 and info["max_abs_diff"] <= 1e-4
 
 
+def test_export_refuses_an_existing_output_without_force(tmp_path, capsys):
+    # -f torch -o DIR/model.pt2 also writes DIR/model.safetensors and DIR/model.json.
+    weights = tmp_path / "model.safetensors"
+    weights.write_text("a checkpoint's weights")
+    args = ["export", "--arch", "1", "-f", "torch", "-o", str(tmp_path / "model.pt2"), "--channels", "4", "--cells", "1"]
+    assert run(args) == 2
+    assert f"error: {weights} exists; add --force to replace it" in capsys.readouterr().err
+    assert weights.read_text() == "a checkpoint's weights" and not (tmp_path / "model.pt2").exists()
+    assert run([*args, "--force"]) == 0
+    assert "wrote" in capsys.readouterr().out and weights.stat().st_size > 100
+
+
 def _save_run(cache: Path, run_id: str, cells: list[str], num_classes: int) -> None:
     runs = cache / "runs"
     runs.mkdir(parents=True, exist_ok=True)

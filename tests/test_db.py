@@ -109,6 +109,18 @@ def test_torn_line_is_ignored(sources, tmp_path):
     assert len(db.records()) == 2
 
 
+def test_build_writes_only_into_a_new_folder_or_its_own_database(sources, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.jpg").write_text("not ours")
+    with pytest.raises(UserError, match=r"photos is not empty \(holiday.jpg, \.\.\.\); give a new or empty folder"):
+        build(photos, sources, settings(num_tasks=1, cells_per_task=1))
+    assert [p.name for p in photos.iterdir()] == ["holiday.jpg"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="file is a file; give a folder"):
+        build(tmp_path / "file", sources, settings(num_tasks=1, cells_per_task=1))
+
+
 def test_parse_shard():
     assert parse_shard("1/4") == (1, 4)
     for bad in ("4/4", "x", "1/0", "-1/2"):

@@ -1,6 +1,7 @@
 import copy
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -161,6 +162,33 @@ def test_bad_destinations(net, tmp_path):
         export_network(net, "tflite", tmp_path / "m.tflite")
     with pytest.raises(UserError, match=".pt2"):
         export_network(net, "torch", tmp_path / "model.json")
+
+
+@pytest.mark.parametrize("fmt, name", [("onnx", "model.onnx"), ("torch", "model.pt2"), ("torch", "model.json")])
+def test_only_regular_files_are_replaced(net, tmp_path, fmt, name):
+    # Atomic replace would swap a device or a FIFO for a plain file (as root, an export
+    # "to /dev/null" destroyed the device). A link to /dev/null stands in for the device.
+    fifo, link = tmp_path / "fifo", tmp_path / "null"
+    os.mkfifo(fifo)
+    link.symlink_to(os.devnull)
+    for special in (fifo, link):
+        (tmp_path / name).unlink(missing_ok=True)
+        (tmp_path / name).symlink_to(special)
+        with pytest.raises(UserError, match="not a regular file"):
+            export_network(net, fmt, tmp_path / ("model.pt2" if fmt == "torch" else name))
+        assert os.readlink(tmp_path / name) == str(special)
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and os.readlink(link) == os.devnull
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", name, "null"]
+
+
+def test_overwrite_false_refuses_every_file_of_an_export(net, tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_text("another checkpoint's weights")
+    with pytest.raises(UserError, match=f"{weights} exists; add --force"):
+        export_network(net, "torch", tmp_path / "model.pt2", overwrite=False)
+    assert weights.read_text() == "another checkpoint's weights" and not (tmp_path / "model.pt2").exists()
+    export_network(net, "torch", tmp_path / "model.pt2")  # the library's default replaces
+    assert load_file(str(weights))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")

@@ -250,7 +250,11 @@ def test_cli_encode_writes_features_and_reports_skips(tmp_path, cache_root, caps
     assert DatasetFeatures.load(out).counts == [2, 1]
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # for the torch it would have loaded
 
-    assert run(["encode", str(root), "-o", str(out), "-n", "3", "--device", "cpu", "--json"]) == 0
+    before = out.read_bytes()
+    assert run(["encode", str(root), "-o", str(out), "-n", "3", "--device", "cpu", "--json"]) == 2
+    assert f"{out} exists; add --force to replace it" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert run(["encode", str(root), "-o", str(out), "-n", "3", "--device", "cpu", "--json", "--force"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["cache_hits"] == 3 and info["decoded"] == 0
     assert info["skipped"] == [{"path": str(root / "a" / "cut.png"), "reason": "truncated or corrupt"}]

@@ -123,6 +123,20 @@ def test_refusals(tmp_path, capsys):
     assert "no database" in capsys.readouterr().err
 
 
+def test_out_must_be_new_empty_or_its_own_run(tmp_path):
+    db = make_db(tmp_path / "db")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "config.json").write_text("another checkpoint")
+    settings = TrainSettings(epochs=1, num_candidates=10)
+    with pytest.raises(UserError, match=r"theirs is not empty \(config.json, \.\.\.\); give a new or empty folder"):
+        meta_train(db, theirs, settings, sizes=SIZES)
+    assert [p.name for p in theirs.iterdir()] == ["config.json"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="file is a file; give a folder"):
+        meta_train(db, tmp_path / "file", settings, sizes=SIZES)
+
+
 def test_database_found_by_name_from_a_clone(tmp_path, monkeypatch):
     from metad2a_cli.meta.train import resolve_database
 

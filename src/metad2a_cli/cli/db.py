@@ -38,8 +38,10 @@ def build(
     Example: metad2a db build ./mydb -s ./data/caltech101 -s ./data/omniglot --tasks 50
     """
     from ..data.encoder import resolve_device
-    from ..meta.db import BuildSettings, parse_shard
+    from ..meta.db import BuildSettings, Database, parse_shard
     from ..meta.db import build as build_db
+
+    Database(db).check_buildable()  # before the sources are read and hashed
 
     settings = BuildSettings(
         num_tasks=tasks,

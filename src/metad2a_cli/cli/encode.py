@@ -15,6 +15,7 @@ def encode(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the feature cache."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="List every skipped file and why."),
+    force: bool = typer.Option(False, "--force", help="Replace the output file if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Embed a labeled image folder: per-class EfficientNet-Lite0 features, as safetensors.
@@ -41,7 +42,7 @@ def encode(
     from ..data.features import encode_folder
     from ..data.images import summarize
 
-    check_writable(output)
+    check_writable(output, overwrite=force)  # before the encoding, not after it
     # Oversized files are reported as skipped; PIL's own warning about them would repeat it.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     bars = Progress(
@@ -61,7 +62,7 @@ def encode(
 
     with bars:
         feats = encode_folder(root, num_samples, seed, device, cache=not no_cache, progress=progress)
-    feats.save(output)
+    feats.save(output, overwrite=force)
 
     summary = summarize(feats.skipped)
     info = {

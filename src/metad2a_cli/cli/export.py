@@ -21,6 +21,7 @@ def export(
     channels: int = typer.Option(None, "--channels", help="Width C of the first stage (default 16)."),
     cells: int = typer.Option(None, "--cells", help="Cells per stage N (default 5)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the (untrained) initial weights."),
+    force: bool = typer.Option(False, "--force", help="Replace existing output files (with -f torch, all three)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Write a cell's NAS-Bench-201 network as ONNX or as a PyTorch program.
@@ -48,7 +49,7 @@ def export(
         named = [flag for flag, v in given.items() if v is not None]
         if named:
             raise UserError(f"{named[0]} comes from the fit with --from-fit; leave it out")
-        _export_fitted(from_fit, fmt, output, as_json)
+        _export_fitted(from_fit, fmt, output, force, as_json)
         return
     if run is not None:
         saved = load_run(run)
@@ -66,7 +67,7 @@ def export(
     )
     net = build_network(cell, config, seed)
     with err_console.status(f"Exporting {fmt} and checking it..."):
-        result = export_network(net, fmt, output, seed)
+        result = export_network(net, fmt, output, seed, overwrite=force)
     _report(
         result,
         {"cell": str(cell), "nb201_index": cell.index},
@@ -76,11 +77,11 @@ def export(
     )
 
 
-def _export_fitted(run_dir: Path, fmt: str, output: Path, as_json: bool) -> None:
+def _export_fitted(run_dir: Path, fmt: str, output: Path, force: bool, as_json: bool) -> None:
     from ..training.fit import export_fitted
 
     with err_console.status(f"Exporting {fmt} and checking it on the validation images..."):
-        result = export_fitted(run_dir, fmt, output)
+        result = export_fitted(run_dir, fmt, output, overwrite=force)
     c = result.checks
     _report(
         result,

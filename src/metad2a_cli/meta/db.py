@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_paths
+from ..atomic import atomic_paths, check_output_folder
 from ..errors import UserError
 from ..nb201.cells import Cell
 from ..training.schedule import LabelSchedule
@@ -216,8 +216,13 @@ class Database:
 
     # -- building ------------------------------------------------------------------------------
 
+    def check_buildable(self) -> None:
+        """A database is built in a new or empty folder, or in one holding a database."""
+        check_output_folder(self.path, lambda name: name in ("features", TASKS, MANIFEST) or name.startswith("records"))
+
     def init(self, manifest: dict, tasks: list[Task]) -> None:
         """Create the folder, or check that it was started with the same settings."""
+        self.check_buildable()
         if (self.path / MANIFEST).is_file():
             old = self.manifest
             for key in ("encoder", "settings", "sources"):

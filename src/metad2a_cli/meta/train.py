@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import check_output_folder
 from ..errors import UserError
 from ..nb201.cells import NUM_CELLS, Cell
 from ..nb201.graph import one_hot_graphs
@@ -471,6 +472,8 @@ def meta_train(
         trainer.load_state(state_dir)
     elif (state_dir / STATE_JSON).is_file():
         raise UserError(f"{out} holds a training run; pass --resume to continue it or choose another --out")
+    else:
+        check_output_folder(out)
     info = db.info()
     database = {"path": str(db.path), "name": db.path.name, "tasks": info["tasks_with_records"],
                 "records": info["records"], "schedule": info["schedule"],

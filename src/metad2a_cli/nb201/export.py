@@ -117,14 +117,15 @@ def compare(output: torch.Tensor, reference: torch.Tensor, what: str) -> tuple[f
 
 
 def export_onnx(
-    net: nn.Module, path: Path, seed: int = 0, meta: dict | None = None, validate: Validate | None = None
+    net: nn.Module, path: Path, seed: int = 0, meta: dict | None = None, validate: Validate | None = None,
+    overwrite: bool = True,
 ) -> ExportResult:
     import onnx
     import onnxruntime as ort
 
     meta = {**describe(net.cell, net.config), **(meta or {})}
     batch = torch.export.Dim("batch", min=1)
-    with atomic_paths(path) as (tmp,), _quiet_exporter():
+    with atomic_paths(path, overwrite=overwrite) as (tmp,), _quiet_exporter():
         program = torch.onnx.export(
             net,
             (_example_batch(net.config),),
@@ -160,7 +161,8 @@ def torch_sidecars(path: Path) -> tuple[Path, Path]:
 
 
 def export_torch(
-    net: nn.Module, path: Path, seed: int = 0, meta: dict | None = None, validate: Validate | None = None
+    net: nn.Module, path: Path, seed: int = 0, meta: dict | None = None, validate: Validate | None = None,
+    overwrite: bool = True,
 ) -> ExportResult:
     from safetensors.torch import save_file
 
@@ -171,7 +173,7 @@ def export_torch(
     meta["files"] = {"program": path.name, "weights": weights_path.name}
     meta["load"] = f"torch.export.load('{path.name}').module()"
     batch = torch.export.Dim("batch", min=1)
-    with atomic_paths(path, weights_path, json_path) as (tmp, tmp_weights, tmp_json):
+    with atomic_paths(path, weights_path, json_path, overwrite=overwrite) as (tmp, tmp_weights, tmp_json):
         with _quiet_exporter():
             program = torch.export.export(
                 net, (_example_batch(net.config),), dynamic_shapes={"x": {0: batch}}
@@ -196,10 +198,13 @@ def _check(
 
 
 def export_network(
-    net: nn.Module, fmt: str, path: Path, seed: int = 0, meta: dict | None = None, validate: Validate | None = None
+    net: nn.Module, fmt: str, path: Path, seed: int = 0, meta: dict | None = None, validate: Validate | None = None,
+    overwrite: bool = True,
 ) -> ExportResult:
-    """Write ``net`` (a ``Network`` or anything with its ``cell`` and ``config``) and check it."""
+    """Write ``net`` (a ``Network`` or anything with its ``cell`` and ``config``) and check it.
+
+    ``overwrite=False`` refuses to replace any existing file the export would write."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    check_writable(path)
-    return (export_onnx if fmt == "onnx" else export_torch)(net, path, seed, meta, validate)
+    check_writable(path, overwrite)
+    return (export_onnx if fmt == "onnx" else export_torch)(net, path, seed, meta, validate, overwrite)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .._version import __version__
-from ..atomic import atomic_paths
+from ..atomic import atomic_paths, check_output_folder
 from ..data.images import Skipped, read_image_folder
 from ..errors import UserError
 from ..nb201.cells import Cell
@@ -73,14 +73,9 @@ class RunFolder:
 
     def prepare_new(self) -> None:
         """Make the folder; refuse one that holds a fit or anything that is not ours."""
-        if self.path.exists() and not self.path.is_dir():
-            raise UserError(f"{self.path} is a file; give a folder for the run")
         if self.exists():
             raise UserError(f"{self.path} already holds a fit; add --resume to go on with it, or choose another folder")
-        if self.path.is_dir():
-            foreign = sorted(p.name for p in self.path.iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
-            if foreign:
-                raise UserError(f"{self.path} is not empty ({foreign[0]}, ...); give a new or empty folder")
+        check_output_folder(self.path, lambda name: name in RUN_FILES)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -464,7 +459,7 @@ def accuracy_check(fitted: FittedModel, tie_margin: float = 1e-3):
     return validate
 
 
-def export_fitted(run_dir: Path, fmt: str, path: Path):
+def export_fitted(run_dir: Path, fmt: str, path: Path, overwrite: bool = True):
     """Write a fit's best network; it must reproduce the fit's validation predictions."""
     from ..nb201.export import export_network
 
@@ -481,4 +476,4 @@ def export_fitted(run_dir: Path, fmt: str, path: Path):
         },
         "fit": {"epoch": best.get("epoch"), "val_acc": best.get("val_acc"), "num_train": dataset["num_train"]},
     }
-    return export_network(fitted.network, fmt, path, meta=meta, validate=accuracy_check(fitted))
+    return export_network(fitted.network, fmt, path, meta=meta, validate=accuracy_check(fitted), overwrite=overwrite)
