@@ -122,3 +122,28 @@ def test_export_user_errors(args, fragment, capsys, tmp_path, monkeypatch):
     err = capsys.readouterr().err
     assert fragment in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "args, shown",
+    [
+        (["cell", "[/x]"], "'[/x]'"),
+        (["search", "data/[/x]"], "data/[/x] does not exist"),
+        (["search", "data/[my data]"], "data/[my data] does not exist"),
+        (["export", "--arch", "1", "-o", "[bold]/m.onnx"], "output folder [bold] does not exist"),
+    ],
+)
+def test_user_text_is_printed_as_it_is(args, shown, capsys, tmp_path, monkeypatch):
+    # Square brackets are rich markup: unescaped, "[/x]" crashed and "[my data]" vanished.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # search: the packaged weights, at once
+    assert run(args) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("error: ") and shown in last
+
+
+def test_json_list_errors_keep_their_brackets(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "list.json").write_text('[["a.png"]]')
+    assert run(["search", str(tmp_path / "list.json")]) == 2
+    assert "expected {'path': ..., 'label': ...} or [path, label]" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from metad2a_cli.cli import run
 from metad2a_cli.data.images import read_image_folder
 from metad2a_cli.errors import UserError
 from metad2a_cli.meta.db import BuildSettings, Database, build, draw_tasks, parse_shard
@@ -119,6 +120,19 @@ def test_build_writes_only_into_a_new_folder_or_its_own_database(sources, tmp_pa
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="file is a file; give a folder"):
         build(tmp_path / "file", sources, settings(num_tasks=1, cells_per_task=1))
+
+
+def test_cli_prints_a_bracketed_source_name_as_it_is(tmp_path, capsys):
+    # "[bold]" is rich markup: unescaped, `db info` dropped it from the name.
+    src = make_source(tmp_path, "[bold]s", classes=3)
+    db = tmp_path / "db"
+    args = ["db", "build", str(db), "-s", str(src), "--tasks", "1", "--cells-per-task", "1", "--min-classes", "3",
+            "--max-classes", "3", "--images-per-class", "8", "--features-per-class", "2", "--proxy-channels", "2",
+            "--proxy-epochs", "1", "--device", "cpu"]
+    assert run(args) == 0
+    assert "1 new records" in capsys.readouterr().out
+    assert run(["db", "info", str(db)]) == 0
+    assert "sources    [bold]s: 1" in capsys.readouterr().out
 
 
 def test_parse_shard():

@@ -14,7 +14,7 @@ import typer
 from .._version import __version__
 from ..errors import UserError
 from . import cell, db, encode, export, fit, search, train
-from .common import err_console
+from .common import print_error
 
 app = typer.Typer(
     name="metad2a",
@@ -65,7 +65,7 @@ def run(argv: list[str] | None = None) -> int:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
     except UserError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        print_error(str(err))
         return err.exit_code
     return 0
 

@@ -7,9 +7,16 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
 
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
+# No markup: what we print is plain text, much of it the user's (paths, class names), and
+# rich would read "[my data]" in a path as a tag. Style goes in Text objects instead.
+console = Console(soft_wrap=True, markup=False)
+err_console = Console(stderr=True, soft_wrap=True, markup=False)
+
+
+def print_error(message: str) -> None:
+    err_console.print(Text("error:", style="bold red"), message, highlight=False)
 
 
 def print_json(data: Any) -> None:

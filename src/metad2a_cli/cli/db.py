@@ -55,6 +55,7 @@ def build(
     )
     dev = resolve_device(device)
     chunk = chunk or (32 if dev.type == "cuda" else 1)
+    from rich.markup import escape
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -72,7 +73,8 @@ def build(
 
         def features(stage: str, done: int, total: int) -> None:
             if stage not in stages:
-                stages[stage] = bar.add_task(stage, total=total, rate=stage)
+                # Progress columns read markup; a source's folder name is the user's text.
+                stages[stage] = bar.add_task(stage, total=total, rate=escape(stage))
             bar.update(stages[stage], completed=done, total=total)
 
         def report(done: int, todo: int, seconds: float) -> None:
