@@ -4,6 +4,7 @@ from pathlib import Path
 
 import typer
 
+from ..errors import UserError
 from ..training.schedule import LabelSchedule
 from .common import console, err_console, print_json
 
@@ -53,6 +54,8 @@ def build(
         seed=seed,
         schedule=LabelSchedule(epochs=epochs),
     )
+    if chunk < 0:
+        raise UserError(f"--chunk must be 0 (automatic) or more, got {chunk}")
     dev = resolve_device(device)
     chunk = chunk or (32 if dev.type == "cuda" else 1)
     from rich.markup import escape

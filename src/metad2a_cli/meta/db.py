@@ -30,7 +30,7 @@ import numpy as np
 
 from ..atomic import atomic_paths, check_output_folder
 from ..errors import UserError
-from ..nb201.cells import Cell
+from ..nb201.cells import NUM_CELLS, Cell
 from ..training.schedule import LabelSchedule
 
 # 2: labels are shortened fits of the full network (1: a shrunken proxy network's).
@@ -56,6 +56,22 @@ class BuildSettings:
     cells_per_task: int = 10
     seed: int = 0
     schedule: LabelSchedule = field(default_factory=LabelSchedule)
+
+    def validate(self) -> None:
+        least = (("--tasks", self.num_tasks, 1), ("--min-classes", self.min_classes, 2),
+                 # validation takes 2 images a class; training needs at least 1 more
+                 ("--images-per-class", self.images_per_class, 3),
+                 ("--features-per-class", self.features_per_class, 1), ("--seed", self.seed, 0))
+        for flag, value, lowest in least:
+            if value < lowest:
+                raise UserError(f"{flag} must be at least {lowest}, got {value}")
+        if self.max_classes < self.min_classes:
+            raise UserError(f"--max-classes {self.max_classes} is below --min-classes {self.min_classes}")
+        if not 1 <= self.cells_per_task <= NUM_CELLS:  # draw_cells draws distinct cells
+            raise UserError(f"--cells-per-task must be in 1..{NUM_CELLS}, got {self.cells_per_task}")
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+        self.schedule.validate()
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -368,6 +384,7 @@ def build(
     feature_progress: Callable[[str, int, int], None] | None = None,
 ) -> int:
     """Build (or resume) a database; returns the number of records written in this run."""
+    settings.validate()
     import torch
     from safetensors.numpy import save_file
 
