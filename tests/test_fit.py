@@ -328,6 +328,37 @@ def test_out_of_memory_at_the_smallest_batch_is_an_error(images, tmp_path, monke
         start_fit(images, small(epochs=1), tmp_path / "run", batch_size=4, device="cpu")
 
 
+class ResumeWhileTraining(Reporter):
+    """As its fit starts training, tries to resume the same run; keeps the error."""
+
+    def __init__(self, run):
+        self.run, self.errors = run, []
+
+    def start(self, info):
+        with pytest.raises(UserError) as err:
+            resume_fit(self.run, device="cpu")
+        self.errors.append(str(err.value))
+
+
+def test_a_second_fit_into_a_running_folder_is_refused(images, tmp_path):
+    run, errors = tmp_path / "run", []
+
+    def start_another(done, total):
+        # Started together, the second fit is past the folder checks: fit.json is not there yet.
+        if not errors:
+            with pytest.raises(UserError) as err:
+                start_fit(images, small(epochs=1), run, device="cpu")
+            errors.append(str(err.value))
+
+    start_fit(images, small(epochs=1), run, batch_size=8, device="cpu", decode_progress=start_another)
+    busy = f"another fit is running in {run}; wait for it to end or choose another folder"
+    assert errors == [busy]
+    other = tmp_path / "other"
+    resumer = ResumeWhileTraining(other)
+    assert start_fit(images, small(epochs=1), other, batch_size=8, device="cpu", reporter=resumer).completed
+    assert resumer.errors == [busy.replace(str(run), str(other))]
+
+
 def test_run_folder_rules(images, fitted_run, tmp_path):
     run, _ = fitted_run
     with pytest.raises(UserError, match="already holds a fit; add --resume"):

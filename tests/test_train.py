@@ -123,6 +123,17 @@ def test_refusals(tmp_path, capsys):
     assert "no database" in capsys.readouterr().err
 
 
+def test_resume_refuses_another_database(tmp_path, capsys):
+    first, other = make_db(tmp_path / "first"), make_db(tmp_path / "other", seed=1)
+    settings = TrainSettings(epochs=1, num_candidates=10)
+    meta_train(first, tmp_path / "w", settings, sizes=SIZES)
+    before = (tmp_path / "w" / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match=f"{tmp_path / 'w'} was trained on {first}, not {other}; resume with --db {first}"):
+        meta_train(other, tmp_path / "w", settings, sizes=SIZES, resume=True)
+    assert (tmp_path / "w" / "model.safetensors").read_bytes() == before
+    meta_train(first, tmp_path / "w", settings, sizes=SIZES, resume=True)  # the same database: fine
+
+
 def test_out_must_be_new_empty_or_its_own_run(tmp_path):
     db = make_db(tmp_path / "db")
     theirs = tmp_path / "theirs"

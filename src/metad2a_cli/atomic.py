@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import stat
 import tempfile
@@ -61,6 +62,22 @@ def check_output_folder(path: Path, ours: Callable[[str], bool] = lambda name: F
             raise UserError(f"cannot read {path}: {err.strerror}") from err
         if foreign:
             raise UserError(f"{path} is not empty ({foreign[0]}, ...); give a new or empty folder")
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, busy: str) -> Iterator[None]:
+    """Hold an flock on ``path`` (created if needed); raise UserError(busy) if another
+    process, or another open of it here, holds it. The OS drops it when a holder dies."""
+    try:
+        fh = open(path, "a+")
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror}") from err
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(busy) from None
+        yield
 
 
 def _umask() -> int:

@@ -17,7 +17,6 @@ builder of the same shard is refused by a lock. ``merge`` joins the shard files.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_paths, check_output_folder
+from ..atomic import atomic_paths, check_output_folder, exclusive_lock
 from ..errors import UserError
 from ..nb201.cells import NUM_CELLS, Cell
 from ..training.schedule import LabelSchedule
@@ -203,6 +202,13 @@ class Database:
             raise UserError(f"{self.path}: database format {data.get('format_version')} is not supported")
         return data
 
+    def identity(self) -> str:
+        """Names the database's tasks (manifest and task list; records may still grow)."""
+        h = hashlib.sha256()
+        for name in (MANIFEST, TASKS):
+            h.update((self.path / name).read_bytes())
+        return h.hexdigest()
+
     def tasks(self) -> list[Task]:
         return [Task(**t) for t in json.loads((self.path / TASKS).read_text())]
 
@@ -262,18 +268,9 @@ class Database:
                     f"{self.path} already has shards of another split ({other.name}); "
                     f"use --shard i/{other.stem.split('of')[-1]} or merge first"
                 )
-        lock_path = self.path / f".lock-{i}of{n}"
-        lock = open(lock_path, "a+")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            raise UserError(
-                f"another builder is writing shard {i}/{n} of {self.path}; "
-                "wait for it, or give this one a different --shard"
-            ) from None
+        busy = f"another builder is writing shard {i}/{n} of {self.path}; wait for it, or give this one a different --shard"
         path = self.path / f"records-{i}of{n}.jsonl"
-        with open(path, "a+b") as fh:
+        with exclusive_lock(self.path / f".lock-{i}of{n}", busy), open(path, "a+b") as fh:
             fh.seek(0, os.SEEK_END)
             if fh.tell():
                 fh.seek(-1, os.SEEK_END)
@@ -285,10 +282,7 @@ class Database:
                 fh.flush()
                 os.fsync(fh.fileno())
 
-            try:
-                yield append
-            finally:
-                lock.close()
+            yield append
 
     def merge(self) -> int:
         """Join all record files into ``records.jsonl``; returns the number of records."""
@@ -296,11 +290,8 @@ class Database:
         for f in shard_files:
             lock_path = self.path / f".lock-{f.stem.split('records-')[-1]}"
             if lock_path.exists():
-                with open(lock_path, "a+") as lock:
-                    try:
-                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        raise UserError(f"a builder is still writing {f.name}; merge when it is done") from None
+                with exclusive_lock(lock_path, f"a builder is still writing {f.name}; merge when it is done"):
+                    pass
         records = sorted(self.records(), key=lambda r: (r.task, r.cell))
         with atomic_paths(self.path / MERGED) as (tmp,):
             tmp.write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))

@@ -469,13 +469,14 @@ def meta_train(
     if resume:
         if not (state_dir / STATE_JSON).is_file():
             raise UserError(f"nothing to resume in {out}")
+        _check_same_database(out, db)
         trainer.load_state(state_dir)
     elif (state_dir / STATE_JSON).is_file():
         raise UserError(f"{out} holds a training run; pass --resume to continue it or choose another --out")
     else:
         check_output_folder(out)
     info = db.info()
-    database = {"path": str(db.path), "name": db.path.name, "tasks": info["tasks_with_records"],
+    database = {"path": str(db.path), "name": db.path.name, "id": db.identity(), "tasks": info["tasks_with_records"],
                 "records": info["records"], "schedule": info["schedule"],
                 "table": table.source if table is not None else None, "predictor": settings.predictor}
     ckpt = None
@@ -506,6 +507,15 @@ def meta_train(
 
     modelcard.write(out, ckpt.config)
     return ckpt, trainer
+
+
+def _check_same_database(out: Path, db: Database) -> None:
+    """A resumed run goes on with the database it started on, or its metrics mix two."""
+    from .weights import load_checkpoint_config
+
+    started = load_checkpoint_config(out).get("database", {})
+    if started.get("id", db.identity()) != db.identity():
+        raise UserError(f"{out} was trained on {started['path']}, not {db.path}; resume with --db {started['path']}")
 
 
 def _best_metrics(history: list[dict]) -> dict:
