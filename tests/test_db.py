@@ -155,6 +155,25 @@ def test_settings_are_checked_before_any_work(sources, tmp_path, time_limit, cha
     assert not (tmp_path / "db").exists()
 
 
+def test_cli_on_paths_that_are_no_database(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "mine.txt").write_text("x")
+    cases = [
+        (["db", "info", str(tmp_path / "file")], f"{tmp_path / 'file'} is not a metad2a database (a file)"),
+        (["db", "merge", str(tmp_path / "file")], f"{tmp_path / 'file'} is not a metad2a database (a file)"),
+        (["db", "info", str(tmp_path / "nowhere")], f"{tmp_path / 'nowhere'} does not exist"),
+        (["db", "merge", str(tmp_path / "nowhere")], f"{tmp_path / 'nowhere'} does not exist"),
+        (["db", "merge", str(tmp_path / "folder")], f"{tmp_path / 'folder'} is not a metad2a database (no manifest.json)"),
+        (["db", "build", str(tmp_path / "file"), "-s", str(tmp_path)], f"{tmp_path / 'file'} is a file; give a folder"),
+    ]
+    for args, message in cases:
+        assert run(args) == 2, args
+        assert capsys.readouterr().err == f"error: {message}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]
+    assert [p.name for p in (tmp_path / "folder").iterdir()] == ["mine.txt"]
+
+
 def test_parse_shard():
     assert parse_shard("1/4") == (1, 4)
     for bad in ("4/4", "x", "1/0", "-1/2"):

@@ -123,6 +123,23 @@ def test_refusals(tmp_path, capsys):
     assert "no database" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--epochs", "0", "--epochs must be at least 1, got 0"),  # said "checkpoint folder ... does not exist"
+        ("--tasks-per-step", "0", "--tasks-per-step must be at least 1, got 0"),
+        ("--lr", "-1", "--lr must be a positive finite number, got -1.0"),
+        ("--lr", "nan", "--lr must be a positive finite number, got nan"),
+        ("--seed", "-1", "--seed must be at least 0, got -1"),
+    ],
+)
+def test_cli_checks_options_first(tmp_path, capsys, option, value, message):
+    db = make_db(tmp_path / "db")
+    assert run(["train", "--db", str(db), "--out", str(tmp_path / "w"), option, value]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "w").exists()
+
+
 def test_resume_refuses_another_database(tmp_path, capsys):
     first, other = make_db(tmp_path / "first"), make_db(tmp_path / "other", seed=1)
     settings = TrainSettings(epochs=1, num_candidates=10)

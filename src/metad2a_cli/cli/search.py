@@ -28,12 +28,15 @@ def search(
 
     Example: metad2a search ./my_images --top-k 5
     """
+    from ..data.encoder import check_device
     from ..data.features import encode_folder
     from ..data.images import summarize
     from ..meta.runs import save_run
-    from ..meta.search import SearchModel
+    from ..meta.search import SearchModel, check_options
     from ..meta.weights import check_encoder, resolve_weights
 
+    check_options(top_k, num_candidates, seed)  # before the weights and the images
+    check_device(device)
     t0 = time.perf_counter()
     ckpt = resolve_weights(weights, log=lambda line: err_console.print(line, highlight=False))
     resolution = int(ckpt.config["encoder"]["resolution"])

@@ -43,7 +43,7 @@ def train(
     if device != "cpu":
         raise UserError("meta-training runs on the CPU in this version; use --device cpu")
     settings = TrainSettings(epochs=epochs, tasks_per_step=tasks_per_step, lr=lr, seed=seed, predictor=predictor)
-    settings.validate()
+    settings.validate()  # before the progress bar is drawn
     db_path = resolve_database(db)
     with Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.fields[info]}"),
                   TimeRemainingColumn(), console=err_console) as bar:

@@ -29,7 +29,7 @@ import numpy as np
 from ..atomic import atomic_paths, check_writable
 from ..errors import UserError
 from ..paths import cache_dir
-from .encoder import DEFAULT_RESOLUTION, FEATURE_DIM, ImageEncoder
+from .encoder import DEFAULT_RESOLUTION, FEATURE_DIM, ImageEncoder, check_device
 from .images import (
     EMPTY,
     BadImage,
@@ -358,6 +358,7 @@ def encode_folder(
 
     See ``encode_images`` for how samples are drawn and bad files handled.
     """
+    check_device(device)  # now: with a warm cache the encoder never resolves it
     folder = read_image_folder(root)
     encoder = ImageEncoder(resolution=resolution, device=device)
     return encode_images(folder, num_samples, seed, encoder, cache, progress)

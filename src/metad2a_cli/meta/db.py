@@ -191,6 +191,10 @@ class Database:
 
     @property
     def manifest(self) -> dict:
+        if not self.path.exists():
+            raise UserError(f"{self.path} does not exist")
+        if not self.path.is_dir():
+            raise UserError(f"{self.path} is not a metad2a database (a file)")
         try:
             data = json.loads((self.path / MANIFEST).read_text())
         except FileNotFoundError:
@@ -286,6 +290,7 @@ class Database:
 
     def merge(self) -> int:
         """Join all record files into ``records.jsonl``; returns the number of records."""
+        self.manifest  # noqa: B018 -- a folder that holds no database gets no records file
         shard_files = [f for f in self.record_files() if f.name != MERGED]
         for f in shard_files:
             lock_path = self.path / f".lock-{f.stem.split('records-')[-1]}"

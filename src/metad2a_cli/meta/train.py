@@ -62,14 +62,19 @@ class TrainSettings:
     def validate(self) -> None:
         if self.predictor not in TERMS:
             raise UserError(f"--predictor must be one of {', '.join(TERMS)}, got {self.predictor!r}")
-        if self.epochs < 1 or self.tasks_per_step < 1 or self.num_samples < 1 or self.table_batch < 1:
-            raise UserError("--epochs, --tasks-per-step and the batch sizes must be at least 1")
-        if not self.lr > 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
+        least = (("--epochs", self.epochs, 1), ("--tasks-per-step", self.tasks_per_step, 1),
+                 ("num_samples", self.num_samples, 1), ("num_candidates", self.num_candidates, 1),
+                 ("table_batch", self.table_batch, 1), ("generator_top", self.generator_top, 1),
+                 ("--seed", self.seed, 0))
+        for flag, value, lowest in least:
+            if value < lowest:
+                raise UserError(f"{flag} must be at least {lowest}, got {value}")
+        if not 0 < self.lr < math.inf:
+            raise UserError(f"--lr must be a positive finite number, got {self.lr}")
+        if not 0 <= self.kl_weight < math.inf:
+            raise UserError(f"kl_weight must be a finite number, at least 0, got {self.kl_weight}")
         if not 0 <= self.val_fraction < 1 or not 0 <= self.table_val_fraction < 1:
             raise UserError("validation fractions must be in [0, 1)")
-        if self.generator_top < 1:
-            raise UserError("generator_top must be at least 1")
 
     @property
     def terms(self) -> tuple[str, ...]:
