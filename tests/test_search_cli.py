@@ -159,3 +159,16 @@ def test_search_options_are_checked_before_encoding(checkpoint, images, capsys, 
                           (["--device", "tpu"], "unknown device 'tpu'; choose auto, cpu or cuda")):
         assert run([*base, *args]) == 2
         assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_search_names_a_class_left_out(checkpoint, images, tmp_path, capsys):
+    import shutil
+
+    root = shutil.copytree(images, tmp_path / "set")
+    (root / "broken").mkdir()
+    (root / "broken" / "a.png").write_text("not an image")
+    assert run(["search", str(root), "--weights", str(checkpoint), "--num-candidates", "20", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "left out 1 class(es) with no readable image: 'broken'" in err
+    assert run(["search", str(root), "--weights", str(checkpoint), "--num-candidates", "20", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dataset"]["dropped_classes"] == ["broken"]

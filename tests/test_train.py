@@ -140,6 +140,27 @@ def test_cli_checks_options_first(tmp_path, capsys, option, value, message):
     assert not (tmp_path / "w").exists()
 
 
+def test_cli_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    from metad2a_cli.meta import train as train_mod
+
+    db, out = make_db(tmp_path / "db"), tmp_path / "w"
+    real = train_mod.MetaTrainer.train_epoch
+
+    def train_epoch(self, report=None):
+        if self.epoch == 1:  # epoch 1 is saved; Ctrl-C in the second
+            raise KeyboardInterrupt
+        return real(self, report)
+
+    monkeypatch.setattr(train_mod.MetaTrainer, "train_epoch", train_epoch)
+    args = ["--db", str(db), "--out", str(out), "--epochs", "2", "--tasks-per-step", "4", "--predictor", "database"]
+    assert run(["train", *args]) == 130
+    hint = f"interrupted in epoch 2; go on with: metad2a train {' '.join(args)} --resume"
+    assert capsys.readouterr().err.splitlines()[-1] == hint
+    monkeypatch.setattr(train_mod.MetaTrainer, "train_epoch", real)
+    assert run(["train", *args, "--resume", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["epochs"] == 2
+
+
 def test_resume_refuses_another_database(tmp_path, capsys):
     first, other = make_db(tmp_path / "first"), make_db(tmp_path / "other", seed=1)
     settings = TrainSettings(epochs=1, num_candidates=10)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from .common import console, err_console, print_json
+from .common import console, err_console, print_class_notes, print_json
 
 
 def encode(
@@ -87,15 +87,7 @@ def encode(
     if summary:
         hint = "" if verbose else " (--verbose lists them)"
         err_console.print(f"{summary}{hint}", highlight=False)
-    if short := feats.short_classes:
-        listed = ", ".join(f"{name!r} has {n}" for name, n in short.items())
-        err_console.print(f"{len(short)} class(es) with fewer than {num_samples} readable images, used as they are: "
-                          f"{listed}", highlight=False)
-    if feats.dropped_classes:
-        err_console.print(f"left out {len(feats.dropped_classes)} class(es) with no readable image: "
-                          f"{', '.join(map(repr, feats.dropped_classes))}", highlight=False)
-    if feats.stats.cache_write_error:
-        err_console.print(f"feature cache not written: {feats.stats.cache_write_error}", highlight=False)
+    print_class_notes(feats)
     console.print(
         f"wrote {output}: {feats.num_classes} classes, {sum(feats.counts)} images "
         f"({feats.stats.cache_hits} from cache, {feats.stats.decoded} encoded), {feats.encoder}",

@@ -7,9 +7,7 @@ from pathlib import Path
 import typer
 
 from ..errors import UserError
-from .common import console, err_console, print_json
-
-INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C
+from .common import INTERRUPTED, console, err_console, print_json
 
 
 def fit(

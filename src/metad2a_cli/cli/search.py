@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from .common import console, err_console, print_json
+from .common import console, err_console, print_class_notes, print_json
 
 
 def search(
@@ -52,6 +52,7 @@ def search(
             "root": str(Path(root).resolve()),
             "num_classes": feats.num_classes,
             "classes": feats.classes,
+            "dropped_classes": feats.dropped_classes,
             "num_samples": num_samples,
             "files": feats.files,
             "in_channels": 3,
@@ -70,6 +71,7 @@ def search(
     skipped = summarize(feats.skipped)
     if skipped:
         err_console.print(skipped, highlight=False)
+    print_class_notes(feats, short_too=False)  # a search samples up to --num-samples: fewer is no news
     table = Table(title=f"{feats.num_classes} classes, {result.candidates} candidates ({result.mode})")
     for col in ("rank", "cell", "NB201", "pred. acc.", "params (M)", "MFLOPs"):
         # The cell string is the answer: wrap it rather than cut it on narrow terminals.

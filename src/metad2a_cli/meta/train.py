@@ -412,6 +412,14 @@ class MetaTrainer:
 # -- the command's driver ----------------------------------------------------------------------
 
 
+def saved_epoch(out: Path) -> int | None:
+    """The last epoch a run in ``out`` saved (what ``--resume`` goes on from), or None."""
+    try:
+        return int(json.loads((out / ".train" / STATE_JSON).read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def resolve_database(name_or_path: str) -> Path:
     """A database folder, or the name of one shipped in the repository (e.g. ``nb201``)."""
     from ..paths import cache_dir
