@@ -147,3 +147,20 @@ def test_json_list_errors_keep_their_brackets(tmp_path, capsys, monkeypatch):
     (tmp_path / "list.json").write_text('[["a.png"]]')
     assert run(["search", str(tmp_path / "list.json")]) == 2
     assert "expected {'path': ..., 'label': ...} or [path, label]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["db", "info", "a" * 300], ["search", "a" * 300], ["cell", "1"]])
+def test_an_os_error_on_a_path_is_one_line(args, capsys, monkeypatch, tmp_path):
+    # Any path check can meet ENAMETOOLONG, EACCES or EIO; none may end in a traceback.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if args[0] == "cell":
+        from metad2a_cli.nb201 import cost
+
+        def unreadable(*a, **k):
+            raise OSError(5, "Input/output error", "/some/file")
+
+        monkeypatch.setattr(cost, "cell_cost", unreadable)
+    assert run(args) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("error: ") and ("File name too long" in last or "/some/file: Input/output error" in last)

@@ -54,7 +54,7 @@ def check_output_folder(path: Path, ours: Callable[[str], bool] = lambda name: F
     """A folder a command fills must be new, empty, or hold only what ``ours`` accepts
     (hidden entries aside): never a file, never a folder of someone else's files."""
     if path.exists() and not path.is_dir():
-        raise UserError(f"{path} is a file; give a folder")
+        raise UserError(f"{path} is {'a file' if path.is_file() else _kind(path)}; give a folder")
     if path.is_dir():
         try:
             foreign = sorted(p.name for p in path.iterdir() if not p.name.startswith(".") and not ours(p.name))

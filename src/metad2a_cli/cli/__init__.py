@@ -67,6 +67,12 @@ def run(argv: list[str] | None = None) -> int:
     except UserError as err:
         print_error(str(err))
         return err.exit_code
+    except OSError as err:
+        # A path check or read the command did not foresee (a name too long, an unreadable
+        # disk): the message names the file; a traceback would add nothing for the user.
+        where = f"{err.filename}: " if err.filename else ""
+        print_error(f"{where}{err.strerror or err}")
+        return UserError.exit_code
     return 0
 
 
