@@ -127,8 +127,8 @@ def test_cli_prints_a_bracketed_source_name_as_it_is(tmp_path, capsys):
     src = make_source(tmp_path, "[bold]s", classes=3)
     db = tmp_path / "db"
     args = ["db", "build", str(db), "-s", str(src), "--tasks", "1", "--cells-per-task", "1", "--min-classes", "3",
-            "--max-classes", "3", "--images-per-class", "8", "--features-per-class", "2", "--proxy-channels", "2",
-            "--proxy-epochs", "1", "--device", "cpu"]
+            "--max-classes", "3", "--images-per-class", "8", "--features-per-class", "2", "--epochs", "1",
+            "--device", "cpu"]
     assert run(args) == 0
     assert "1 new records" in capsys.readouterr().out
     assert run(["db", "info", str(db)]) == 0

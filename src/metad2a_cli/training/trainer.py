@@ -9,6 +9,7 @@ the database's labels (``labels``) train many cells at once with it, so a label 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
