@@ -174,6 +174,16 @@ def test_cli_on_paths_that_are_no_database(tmp_path, capsys):
     assert [p.name for p in (tmp_path / "folder").iterdir()] == ["mine.txt"]
 
 
+@pytest.mark.parametrize("option, value, message", [("--epochs", "0", "--epochs must be at least 1, got 0"),
+                                                     ("--cells-per-task", "20000", "--cells-per-task must be in 1..15625")])
+def test_cli_checks_label_settings_in_one_line(sources, tmp_path, capsys, time_limit, option, value, message):
+    with time_limit(30):
+        assert run(["db", "build", str(tmp_path / "db"), "-s", str(sources[0]), option, value, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "db").exists()
+
+
 def test_parse_shard():
     assert parse_shard("1/4") == (1, 4)
     for bad in ("4/4", "x", "1/0", "-1/2"):

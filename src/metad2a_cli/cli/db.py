@@ -54,6 +54,7 @@ def build(
         seed=seed,
         schedule=LabelSchedule(epochs=epochs),
     )
+    settings.validate()  # before the progress bar is drawn
     if chunk < 0:
         raise UserError(f"--chunk must be 0 (automatic) or more, got {chunk}")
     dev = resolve_device(device)
