@@ -138,15 +138,15 @@ def test_cli_prints_a_bracketed_source_name_as_it_is(tmp_path, capsys):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(cells_per_task=20_000), "--cells-per-task must be in 1..15625, got 20000"),  # hung: 15,625 cells exist
-        (dict(cells_per_task=0), "--cells-per-task must be in 1..15625, got 0"),
-        (dict(num_tasks=0), "--tasks must be at least 1, got 0"),
-        (dict(images_per_class=1), "--images-per-class must be at least 3"),
-        (dict(features_per_class=0), "--features-per-class must be at least 1, got 0"),
-        (dict(seed=-1), "--seed must be at least 0, got -1"),
-        (dict(min_classes=1), "--min-classes must be at least 2, got 1"),
-        (dict(min_classes=4, max_classes=3), "--max-classes 3 is below --min-classes 4"),
-        (dict(schedule=LabelSchedule(epochs=0)), "--epochs must be at least 1, got 0"),
+        ({"cells_per_task": 20_000}, "--cells-per-task must be in 1..15625, got 20000"),  # hung: 15,625 cells exist
+        ({"cells_per_task": 0}, "--cells-per-task must be in 1..15625, got 0"),
+        ({"num_tasks": 0}, "--tasks must be at least 1, got 0"),
+        ({"images_per_class": 1}, "--images-per-class must be at least 3"),
+        ({"features_per_class": 0}, "--features-per-class must be at least 1, got 0"),
+        ({"seed": -1}, "--seed must be at least 0, got -1"),
+        ({"min_classes": 1}, "--min-classes must be at least 2, got 1"),
+        ({"min_classes": 4, "max_classes": 3}, "--max-classes 3 is below --min-classes 4"),
+        ({"schedule": LabelSchedule(epochs=0)}, "--epochs must be at least 1, got 0"),
     ],
 )
 def test_settings_are_checked_before_any_work(sources, tmp_path, time_limit, change, message):
