@@ -64,6 +64,18 @@ def test_export_onnx_from_cli(tmp_path, capsys):
     assert info["nb201_index"] == 11472 and info["max_abs_diff"] <= 1e-4
 
 
+def test_export_refuses_an_existing_output_without_force(tmp_path, capsys):
+    # -f torch -o DIR/model.pt2 also writes DIR/model.safetensors and DIR/model.json.
+    weights = tmp_path / "model.safetensors"
+    weights.write_text("a checkpoint's weights")
+    args = ["export", "--arch", "1", "-f", "torch", "-o", str(tmp_path / "model.pt2"), "--channels", "4", "--cells", "1"]
+    assert run(args) == 2
+    assert f"error: {weights} exists; add --force to replace it" in capsys.readouterr().err
+    assert weights.read_text() == "a checkpoint's weights" and not (tmp_path / "model.pt2").exists()
+    assert run([*args, "--force"]) == 0
+    assert "wrote" in capsys.readouterr().out and weights.stat().st_size > 100
+
+
 def _save_run(cache: Path, run_id: str, cells: list[str], num_classes: int) -> None:
     runs = cache / "runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -110,3 +122,45 @@ def test_export_user_errors(args, fragment, capsys, tmp_path, monkeypatch):
     err = capsys.readouterr().err
     assert fragment in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "args, shown",
+    [
+        (["cell", "[/x]"], "'[/x]'"),
+        (["search", "data/[/x]"], "data/[/x] does not exist"),
+        (["search", "data/[my data]"], "data/[my data] does not exist"),
+        (["export", "--arch", "1", "-o", "[bold]/m.onnx"], "output folder [bold] does not exist"),
+    ],
+)
+def test_user_text_is_printed_as_it_is(args, shown, capsys, tmp_path, monkeypatch):
+    # Square brackets are rich markup: unescaped, "[/x]" crashed and "[my data]" vanished.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # search: the packaged weights, at once
+    assert run(args) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("error: ") and shown in last
+
+
+def test_json_list_errors_keep_their_brackets(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "list.json").write_text('[["a.png"]]')
+    assert run(["search", str(tmp_path / "list.json")]) == 2
+    assert "expected {'path': ..., 'label': ...} or [path, label]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["db", "info", "a" * 300], ["search", "a" * 300], ["cell", "1"]])
+def test_an_os_error_on_a_path_is_one_line(args, capsys, monkeypatch, tmp_path):
+    # Any path check can meet ENAMETOOLONG, EACCES or EIO; none may end in a traceback.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if args[0] == "cell":
+        from metad2a_cli.nb201 import cost
+
+        def unreadable(*a, **k):
+            raise OSError(5, "Input/output error", "/some/file")
+
+        monkeypatch.setattr(cost, "cell_cost", unreadable)
+    assert run(args) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("error: ") and ("File name too long" in last or "/some/file: Input/output error" in last)

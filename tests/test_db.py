@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from metad2a_cli import cli
+from metad2a_cli.cli import run
 from metad2a_cli.data.images import read_image_folder
 from metad2a_cli.errors import UserError
 from metad2a_cli.meta.db import BuildSettings, Database, build, draw_tasks, parse_shard
@@ -126,6 +127,80 @@ def test_torn_line_is_ignored(sources, tmp_path):
     assert len(db.records()) == 1
     assert build(db_path, sources, settings(num_tasks=1), device="cpu") == 1
     assert len(db.records()) == 2
+
+
+def test_build_writes_only_into_a_new_folder_or_its_own_database(sources, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.jpg").write_text("not ours")
+    with pytest.raises(UserError, match=r"photos is not empty \(holiday.jpg, \.\.\.\); give a new or empty folder"):
+        build(photos, sources, settings(num_tasks=1, cells_per_task=1))
+    assert [p.name for p in photos.iterdir()] == ["holiday.jpg"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="file is a file; give a folder"):
+        build(tmp_path / "file", sources, settings(num_tasks=1, cells_per_task=1))
+
+
+def test_cli_prints_a_bracketed_source_name_as_it_is(tmp_path, capsys):
+    # "[bold]" is rich markup: unescaped, `db info` dropped it from the name.
+    src = make_source(tmp_path, "[bold]s", classes=3)
+    db = tmp_path / "db"
+    args = ["db", "build", str(db), "-s", str(src), "--tasks", "1", "--cells-per-task", "1", "--min-classes", "3",
+            "--max-classes", "3", "--images-per-class", "8", "--features-per-class", "2", "--epochs", "1",
+            "--device", "cpu"]
+    assert run(args) == 0
+    assert "1 new records" in capsys.readouterr().out
+    assert run(["db", "info", str(db)]) == 0
+    assert "sources    [bold]s: 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"cells_per_task": 20_000}, "--cells-per-task must be in 1..15625, got 20000"),  # hung: 15,625 cells exist
+        ({"cells_per_task": 0}, "--cells-per-task must be in 1..15625, got 0"),
+        ({"num_tasks": 0}, "--tasks must be at least 1, got 0"),
+        ({"images_per_class": 1}, "--images-per-class must be at least 3"),
+        ({"features_per_class": 0}, "--features-per-class must be at least 1, got 0"),
+        ({"seed": -1}, "--seed must be at least 0, got -1"),
+        ({"min_classes": 1}, "--min-classes must be at least 2, got 1"),
+        ({"min_classes": 4, "max_classes": 3}, "--max-classes 3 is below --min-classes 4"),
+        ({"schedule": LabelSchedule(epochs=0)}, "--epochs must be at least 1, got 0"),
+    ],
+)
+def test_settings_are_checked_before_any_work(sources, tmp_path, time_limit, change, message):
+    with time_limit(30), pytest.raises(UserError, match=message):
+        build(tmp_path / "db", sources, settings(**change), device="cpu")
+    assert not (tmp_path / "db").exists()
+
+
+def test_cli_on_paths_that_are_no_database(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "mine.txt").write_text("x")
+    cases = [
+        (["db", "info", str(tmp_path / "file")], f"{tmp_path / 'file'} is not a metad2a database (a file)"),
+        (["db", "merge", str(tmp_path / "file")], f"{tmp_path / 'file'} is not a metad2a database (a file)"),
+        (["db", "info", str(tmp_path / "nowhere")], f"{tmp_path / 'nowhere'} does not exist"),
+        (["db", "merge", str(tmp_path / "nowhere")], f"{tmp_path / 'nowhere'} does not exist"),
+        (["db", "merge", str(tmp_path / "folder")], f"{tmp_path / 'folder'} is not a metad2a database (no manifest.json)"),
+        (["db", "build", str(tmp_path / "file"), "-s", str(tmp_path)], f"{tmp_path / 'file'} is a file; give a folder"),
+    ]
+    for args, message in cases:
+        assert run(args) == 2, args
+        assert capsys.readouterr().err == f"error: {message}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]
+    assert [p.name for p in (tmp_path / "folder").iterdir()] == ["mine.txt"]
+
+
+@pytest.mark.parametrize("option, value, message", [("--epochs", "0", "--epochs must be at least 1, got 0"),
+                                                     ("--cells-per-task", "20000", "--cells-per-task must be in 1..15625")])
+def test_cli_checks_label_settings_in_one_line(sources, tmp_path, capsys, time_limit, option, value, message):
+    with time_limit(30):
+        assert run(["db", "build", str(tmp_path / "db"), "-s", str(sources[0]), option, value, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "db").exists()
 
 
 def test_parse_shard():

@@ -1,5 +1,7 @@
+import copy
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -97,9 +99,29 @@ def _no_partials(folder):
     return [p.name for p in folder.iterdir() if ".part" in p.name]
 
 
+def test_check_is_relative_to_the_output_scale():
+    # An untrained network's logits can be in the millions (cell 3948); a second runtime's
+    # float32 rounding then differs by far more than any fixed bound (the quick start's
+    # export failed on 2.4e-4 against 1e-4). The same network in float64 is such a runtime.
+    net = build_network(Cell.from_index(3948), NetworkConfig(), seed=0)
+    exact = copy.deepcopy(net).double()
+    x = export_mod._check_batch(net.config, 0)
+    with torch.no_grad():
+        scale = float(net(x).abs().max())
+    diff = export_mod._check(net, lambda b: exact(b.double()).float(), 0, "float64", None)[0]
+    assert scale > 1e6 and 1e-4 < diff < 1e-6 * scale
+
+
+@pytest.mark.parametrize("error", [1e-3, float("nan")])
+def test_check_refuses_a_real_difference(net, error):
+    # A relative error of 1e-3 is 100x the tolerance; NaN never compares as close.
+    with pytest.raises(ExportCheckError, match="differs from PyTorch"):
+        export_mod._check(net, lambda b: net(b) * (1 + error), 0, "perturbed", None)
+
+
 def test_failed_check_leaves_no_file(net, tmp_path, monkeypatch):
     path = tmp_path / "model.onnx"
-    monkeypatch.setattr(export_mod, "MAX_ABS_DIFF", -1.0)
+    monkeypatch.setattr(export_mod, "RTOL", -1.0)
     with pytest.raises(ExportCheckError):
         export_network(net, "onnx", path)
     assert not path.exists()
@@ -140,6 +162,33 @@ def test_bad_destinations(net, tmp_path):
         export_network(net, "tflite", tmp_path / "m.tflite")
     with pytest.raises(UserError, match=".pt2"):
         export_network(net, "torch", tmp_path / "model.json")
+
+
+@pytest.mark.parametrize("fmt, name", [("onnx", "model.onnx"), ("torch", "model.pt2"), ("torch", "model.json")])
+def test_only_regular_files_are_replaced(net, tmp_path, fmt, name):
+    # Atomic replace would swap a device or a FIFO for a plain file (as root, an export
+    # "to /dev/null" destroyed the device). A link to /dev/null stands in for the device.
+    fifo, link = tmp_path / "fifo", tmp_path / "null"
+    os.mkfifo(fifo)
+    link.symlink_to(os.devnull)
+    for special in (fifo, link):
+        (tmp_path / name).unlink(missing_ok=True)
+        (tmp_path / name).symlink_to(special)
+        with pytest.raises(UserError, match="not a regular file"):
+            export_network(net, fmt, tmp_path / ("model.pt2" if fmt == "torch" else name))
+        assert os.readlink(tmp_path / name) == str(special)
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and os.readlink(link) == os.devnull
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", name, "null"]
+
+
+def test_overwrite_false_refuses_every_file_of_an_export(net, tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_text("another checkpoint's weights")
+    with pytest.raises(UserError, match=f"{weights} exists; add --force"):
+        export_network(net, "torch", tmp_path / "model.pt2", overwrite=False)
+    assert weights.read_text() == "another checkpoint's weights" and not (tmp_path / "model.pt2").exists()
+    export_network(net, "torch", tmp_path / "model.pt2")  # the library's default replaces
+    assert load_file(str(weights))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")

@@ -239,18 +239,22 @@ def test_encode_folder_reads_lists_too(tmp_path, cache_root):
 
 def test_cli_encode_writes_features_and_reports_skips(tmp_path, cache_root, capsys, monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # restored after the test
-    root = make_set(tmp_path / "set", {"a": 2, "b": 1})
+    root = make_set(tmp_path / "set", {"a": 2, "b [my data]": 1})  # brackets: not rich markup
     (root / "a" / "cut.png").write_bytes((root / "a" / "00.png").read_bytes()[:50])
     out = tmp_path / "f.safetensors"
     assert run(["encode", str(root), "-o", str(out), "--num-samples", "3", "--device", "cpu", "--verbose"]) == 0
     captured = capsys.readouterr()
     assert "1 skipped: 1 truncated or corrupt" in captured.err
     assert "cut.png" in captured.err  # --verbose names it
-    assert "'b' has 1" in captured.err  # a short class says so
+    assert "'b [my data]' has 1" in captured.err  # a short class says so
     assert DatasetFeatures.load(out).counts == [2, 1]
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # for the torch it would have loaded
 
-    assert run(["encode", str(root), "-o", str(out), "-n", "3", "--device", "cpu", "--json"]) == 0
+    before = out.read_bytes()
+    assert run(["encode", str(root), "-o", str(out), "-n", "3", "--device", "cpu", "--json"]) == 2
+    assert f"{out} exists; add --force to replace it" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert run(["encode", str(root), "-o", str(out), "-n", "3", "--device", "cpu", "--json", "--force"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["cache_hits"] == 3 and info["decoded"] == 0
     assert info["skipped"] == [{"path": str(root / "a" / "cut.png"), "reason": "truncated or corrupt"}]

@@ -281,6 +281,19 @@ def test_too_few_images_for_the_split(tmp_path):
         start_fit(root, small(), tmp_path / "run", device="cpu")
 
 
+def test_a_diverged_fit_stops_and_keeps_the_last_good_checkpoint(images, tmp_path, capsys):
+    # A learning rate this large sends the weights, then the loss, to inf/NaN in epoch 1.
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match="diverged in epoch 1.*lower --lr"):
+        start_fit(images, small(lr=1e30, epochs=2), run, batch_size=8, device="cpu")
+    tensors, meta = load_tensors(run / LAST)
+    assert meta["state"]["epoch"] == 0 and meta["state"]["history"] == []
+    assert all(bool(torch.isfinite(t).all()) for t in tensors.values())
+    assert not (run / BEST).exists()
+    assert cli.run(["fit", str(images), "--arch", "1462", "--lr", "inf", "-o", str(tmp_path / "r")]) == 2
+    assert "--lr must be a positive finite number, got inf" in capsys.readouterr().err
+
+
 def test_no_free_disk(images, tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
@@ -317,6 +330,37 @@ def test_out_of_memory_at_the_smallest_batch_is_an_error(images, tmp_path, monke
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", train_step)
     with pytest.raises(UserError, match="out of GPU memory even at batch size 2"):
         start_fit(images, small(epochs=1), tmp_path / "run", batch_size=4, device="cpu")
+
+
+class ResumeWhileTraining(Reporter):
+    """As its fit starts training, tries to resume the same run; keeps the error."""
+
+    def __init__(self, run):
+        self.run, self.errors = run, []
+
+    def start(self, info):
+        with pytest.raises(UserError) as err:
+            resume_fit(self.run, device="cpu")
+        self.errors.append(str(err.value))
+
+
+def test_a_second_fit_into_a_running_folder_is_refused(images, tmp_path):
+    run, errors = tmp_path / "run", []
+
+    def start_another(done, total):
+        # Started together, the second fit is past the folder checks: fit.json is not there yet.
+        if not errors:
+            with pytest.raises(UserError) as err:
+                start_fit(images, small(epochs=1), run, device="cpu")
+            errors.append(str(err.value))
+
+    start_fit(images, small(epochs=1), run, batch_size=8, device="cpu", decode_progress=start_another)
+    busy = f"another fit is running in {run}; wait for it to end or choose another folder"
+    assert errors == [busy]
+    other = tmp_path / "other"
+    resumer = ResumeWhileTraining(other)
+    assert start_fit(images, small(epochs=1), other, batch_size=8, device="cpu", reporter=resumer).completed
+    assert resumer.errors == [busy.replace(str(run), str(other))]
 
 
 def test_run_folder_rules(images, fitted_run, tmp_path):

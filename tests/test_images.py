@@ -177,6 +177,45 @@ def test_malformed_lists_are_user_errors(tmp_path, name, text, message):
         read_image_list(tmp_path / name)
 
 
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [("l.csv", "a.png,cat\nb\0.png,dog\n"), ("l.json", json.dumps([["a.png", "cat"], ["b\0.png", "dog"]]))],
+)
+def test_a_nul_byte_in_a_listed_path_is_a_user_error(tmp_path, name, text):
+    write_image(tmp_path / "a.png")
+    (tmp_path / name).write_text(text)
+    with pytest.raises(UserError, match=r"(row 2|item 1): the path holds a NUL byte"):
+        read_image_list(tmp_path / name)
+
+
+def test_csv_header_with_other_column_names(tmp_path):
+    write_image(tmp_path / "a.png")
+    write_image(tmp_path / "b.png")
+    (tmp_path / "l.csv").write_text("file,category\na.png,cat\nb.png,dog\n")
+    folder = read_image_list(tmp_path / "l.csv")
+    assert folder.classes == ("cat", "dog") and folder.skipped == ()  # the header is no row
+
+
+def test_a_folder_of_splits_is_named_as_such(tmp_path):
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            write_image(tmp_path / split / c / "1.png")
+    with pytest.raises(UserError, match=f"{tmp_path} holds the splits train, val, each a folder of class folders; "
+                                        f"give one of them, e.g. {tmp_path / 'train'}"):
+        read_image_folder(tmp_path)
+    assert read_image_folder(tmp_path / "train").classes == ("cat", "dog")
+
+
+def test_a_link_back_to_the_root_is_no_class(tmp_path):
+    write_image(tmp_path / "root" / "cat" / "1.png")
+    write_image(tmp_path / "root" / "dog" / "1.png")
+    os.symlink(".", tmp_path / "root" / "all")
+    os.symlink("..", tmp_path / "root" / "up")
+    folder = read_image_folder(tmp_path / "root")
+    assert folder.classes == ("cat", "dog")
+    assert reasons(folder.skipped) == {"all": LOOP, "up": LOOP}
+
+
 # -- sampling --------------------------------------------------------------------------------
 
 

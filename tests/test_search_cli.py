@@ -109,3 +109,66 @@ def test_warm_search_does_not_import_torch(checkpoint, images, tmp_path):
     warm = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert "RESULT 0 True" in cold.stdout, cold.stderr  # the first run encodes images
     assert "RESULT 0 False" in warm.stdout, warm.stderr
+
+
+def _with_model(folder, checkpoint, change):
+    """A copy of ``checkpoint`` whose model file is changed but whose sha256 matches."""
+    import hashlib
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(checkpoint, folder)
+    model = folder / "model.safetensors"
+    if change == "unreadable":
+        model.write_bytes(b"not a safetensors file at all")
+    else:
+        arrays = load_file(str(model))
+        key = "predictor.head.0.weight"
+        if change == "renamed":
+            arrays["predictor.head.0.weights"] = arrays.pop(key)
+        else:
+            arrays[key] = arrays[key][:, :-1].copy()
+        save_file(arrays, str(model))
+    config = json.loads((folder / "config.json").read_text())
+    config["files"]["model.safetensors"] = hashlib.sha256(model.read_bytes()).hexdigest()
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("change", ["unreadable", "renamed", "reshaped"])
+def test_weights_that_pass_the_hash_but_not_the_model(checkpoint, images, tmp_path, capsys, change):
+    weights = _with_model(tmp_path / "w", checkpoint, change)
+    assert run(["search", str(images), "--weights", str(weights), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {weights / 'model.safetensors'} ") and err.count("\n") == 1
+    assert "config.json" in err or "safetensors" in err
+
+
+def test_search_options_are_checked_before_encoding(checkpoint, images, capsys, monkeypatch):
+    from metad2a_cli.data import features
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("options must be checked first")
+
+    monkeypatch.setattr(features, "encode_folder", no_encoding)
+    base = ["search", str(images), "--weights", str(checkpoint)]
+    for args, message in ((["--seed", "-1"], "--seed must be at least 0, got -1"),
+                          (["--top-k", "0"], "--top-k must be at least 1, got 0"),
+                          (["--num-candidates", "0"], "--num-candidates must be at least 1, got 0"),
+                          (["--device", "tpu"], "unknown device 'tpu'; choose auto, cpu or cuda")):
+        assert run([*base, *args]) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_search_names_a_class_left_out(checkpoint, images, tmp_path, capsys):
+    import shutil
+
+    root = shutil.copytree(images, tmp_path / "set")
+    (root / "broken").mkdir()
+    (root / "broken" / "a.png").write_text("not an image")
+    assert run(["search", str(root), "--weights", str(checkpoint), "--num-candidates", "20", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "left out 1 class(es) with no readable image: 'broken'" in err
+    assert run(["search", str(root), "--weights", str(checkpoint), "--num-candidates", "20", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dataset"]["dropped_classes"] == ["broken"]

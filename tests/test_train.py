@@ -124,6 +124,69 @@ def test_refusals(tmp_path, capsys):
     assert "no database" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--epochs", "0", "--epochs must be at least 1, got 0"),  # said "checkpoint folder ... does not exist"
+        ("--tasks-per-step", "0", "--tasks-per-step must be at least 1, got 0"),
+        ("--lr", "-1", "--lr must be a positive finite number, got -1.0"),
+        ("--lr", "nan", "--lr must be a positive finite number, got nan"),
+        ("--seed", "-1", "--seed must be at least 0, got -1"),
+    ],
+)
+def test_cli_checks_options_first(tmp_path, capsys, option, value, message):
+    db = make_db(tmp_path / "db")
+    assert run(["train", "--db", str(db), "--out", str(tmp_path / "w"), option, value]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "w").exists()
+
+
+def test_cli_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    from metad2a_cli.meta import train as train_mod
+
+    db, out = make_db(tmp_path / "db"), tmp_path / "w"
+    real = train_mod.MetaTrainer.train_epoch
+
+    def train_epoch(self, report=None):
+        if self.epoch == 1:  # epoch 1 is saved; Ctrl-C in the second
+            raise KeyboardInterrupt
+        return real(self, report)
+
+    monkeypatch.setattr(train_mod.MetaTrainer, "train_epoch", train_epoch)
+    args = ["--db", str(db), "--out", str(out), "--epochs", "2", "--tasks-per-step", "4", "--predictor", "database"]
+    assert run(["train", *args]) == 130
+    hint = f"interrupted in epoch 2; go on with: metad2a train {' '.join(args)} --resume"
+    assert capsys.readouterr().err.splitlines()[-1] == hint
+    monkeypatch.setattr(train_mod.MetaTrainer, "train_epoch", real)
+    assert run(["train", *args, "--resume", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["epochs"] == 2
+
+
+def test_resume_refuses_another_database(tmp_path, capsys):
+    first, other = make_db(tmp_path / "first"), make_db(tmp_path / "other", seed=1)
+    settings = TrainSettings(epochs=1, num_candidates=10)
+    meta_train(first, tmp_path / "w", settings, sizes=SIZES)
+    before = (tmp_path / "w" / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match=f"{tmp_path / 'w'} was trained on {first}, not {other}; resume with --db {first}"):
+        meta_train(other, tmp_path / "w", settings, sizes=SIZES, resume=True)
+    assert (tmp_path / "w" / "model.safetensors").read_bytes() == before
+    meta_train(first, tmp_path / "w", settings, sizes=SIZES, resume=True)  # the same database: fine
+
+
+def test_out_must_be_new_empty_or_its_own_run(tmp_path):
+    db = make_db(tmp_path / "db")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "config.json").write_text("another checkpoint")
+    settings = TrainSettings(epochs=1, num_candidates=10)
+    with pytest.raises(UserError, match=r"theirs is not empty \(config.json, \.\.\.\); give a new or empty folder"):
+        meta_train(db, theirs, settings, sizes=SIZES)
+    assert [p.name for p in theirs.iterdir()] == ["config.json"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="file is a file; give a folder"):
+        meta_train(db, tmp_path / "file", settings, sizes=SIZES)
+
+
 def test_database_found_by_name_from_a_clone(tmp_path, monkeypatch):
     from metad2a_cli.meta.train import resolve_database
 

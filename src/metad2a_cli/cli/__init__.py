@@ -10,12 +10,11 @@ import os
 import sys
 
 import typer
-from rich.markup import escape
 
 from .._version import __version__
 from ..errors import UserError
 from . import cell, db, encode, export, fit, search, train
-from .common import err_console
+from .common import print_error
 
 app = typer.Typer(
     name="metad2a",
@@ -67,9 +66,14 @@ def run(argv: list[str] | None = None) -> int:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
     except UserError as err:
-        # escape(): a message's own brackets (pip install 'metad2a[ray]') are text, not markup.
-        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        print_error(str(err))
         return err.exit_code
+    except OSError as err:
+        # A path check or read the command did not foresee (a name too long, an unreadable
+        # disk): the message names the file; a traceback would add nothing for the user.
+        where = f"{err.filename}: " if err.filename else ""
+        print_error(f"{where}{err.strerror or err}")
+        return UserError.exit_code
     return 0
 
 

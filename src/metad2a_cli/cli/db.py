@@ -64,11 +64,12 @@ def build(
     Example: metad2a db build ./mydb -s /shared/caltech101 --tasks 3000 --ray auto  # a running cluster
     """
     from ..data.encoder import resolve_device
-    from ..meta.db import BuildSettings, default_chunk, parse_shard
+    from ..meta.db import BuildSettings, Database, default_chunk, parse_shard
     from ..meta.db import build as build_db
     from ..training.policies import check_policy
 
     check_policy(augment)
+    Database(db).check_buildable()  # before the sources are read and hashed
     settings = BuildSettings(
         num_tasks=tasks,
         min_classes=min_classes,
@@ -79,6 +80,9 @@ def build(
         seed=seed,
         schedule=LabelSchedule(epochs=epochs, augment=augment),
     )
+    settings.validate()  # before the progress bar is drawn
+    if chunk < 0:
+        raise UserError(f"--chunk must be 0 (automatic) or more, got {chunk}")
     runner = None
     if ray is not None:
         from ..meta.distributed import ray_runner
@@ -97,7 +101,7 @@ def build(
     )
 
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),  # a source name is text
         TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err_console,
     ) as bar:
         # One bar for the labels wherever they train: on Ray it counts the whole cluster's.

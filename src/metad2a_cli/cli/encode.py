@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from .common import console, err_console, print_json
+from .common import console, err_console, print_class_notes, print_json
 
 
 def encode(
@@ -15,6 +15,7 @@ def encode(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the feature cache."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="List every skipped file and why."),
+    force: bool = typer.Option(False, "--force", help="Replace the output file if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Embed a labeled image folder: per-class EfficientNet-Lite0 features, as safetensors.
@@ -41,7 +42,7 @@ def encode(
     from ..data.features import encode_folder
     from ..data.images import summarize
 
-    check_writable(output)
+    check_writable(output, overwrite=force)  # before the encoding, not after it
     # Oversized files are reported as skipped; PIL's own warning about them would repeat it.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     bars = Progress(
@@ -61,7 +62,7 @@ def encode(
 
     with bars:
         feats = encode_folder(root, num_samples, seed, device, cache=not no_cache, progress=progress)
-    feats.save(output)
+    feats.save(output, overwrite=force)
 
     summary = summarize(feats.skipped)
     info = {
@@ -86,15 +87,7 @@ def encode(
     if summary:
         hint = "" if verbose else " (--verbose lists them)"
         err_console.print(f"{summary}{hint}", highlight=False)
-    if short := feats.short_classes:
-        listed = ", ".join(f"{name!r} has {n}" for name, n in short.items())
-        err_console.print(f"{len(short)} class(es) with fewer than {num_samples} readable images, used as they are: "
-                          f"{listed}", highlight=False)
-    if feats.dropped_classes:
-        err_console.print(f"left out {len(feats.dropped_classes)} class(es) with no readable image: "
-                          f"{', '.join(map(repr, feats.dropped_classes))}", highlight=False)
-    if feats.stats.cache_write_error:
-        err_console.print(f"feature cache not written: {feats.stats.cache_write_error}", highlight=False)
+    print_class_notes(feats)
     console.print(
         f"wrote {output}: {feats.num_classes} classes, {sum(feats.counts)} images "
         f"({feats.stats.cache_hits} from cache, {feats.stats.decoded} encoded), {feats.encoder}",

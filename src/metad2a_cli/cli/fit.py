@@ -8,9 +8,7 @@ import typer
 
 from ..errors import UserError
 from ..training.policies import AUGMENT_POLICIES, DEFAULT_AUGMENT
-from .common import console, err_console, print_json
-
-INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C
+from .common import INTERRUPTED, console, err_console, print_json
 
 
 def fit(

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from .common import console, err_console, print_json
+from .common import console, err_console, print_class_notes, print_json
 
 
 def search(
@@ -28,12 +28,15 @@ def search(
 
     Example: metad2a search ./my_images --top-k 5
     """
+    from ..data.encoder import check_device
     from ..data.features import encode_folder
     from ..data.images import summarize
     from ..meta.runs import save_run
-    from ..meta.search import SearchModel
+    from ..meta.search import SearchModel, check_options
     from ..meta.weights import check_encoder, resolve_weights
 
+    check_options(top_k, num_candidates, seed)  # before the weights and the images
+    check_device(device)
     t0 = time.perf_counter()
     ckpt = resolve_weights(weights, log=lambda line: err_console.print(line, highlight=False))
     resolution = int(ckpt.config["encoder"]["resolution"])
@@ -49,6 +52,7 @@ def search(
             "root": str(Path(root).resolve()),
             "num_classes": feats.num_classes,
             "classes": feats.classes,
+            "dropped_classes": feats.dropped_classes,
             "num_samples": num_samples,
             "files": feats.files,
             "in_channels": 3,
@@ -67,6 +71,7 @@ def search(
     skipped = summarize(feats.skipped)
     if skipped:
         err_console.print(skipped, highlight=False)
+    print_class_notes(feats, short_too=False)  # a search samples up to --num-samples: fewer is no news
     table = Table(title=f"{feats.num_classes} classes, {result.candidates} candidates ({result.mode})")
     for col in ("rank", "cell", "NB201", "pred. acc.", "params (M)", "MFLOPs"):
         # The cell string is the answer: wrap it rather than cut it on narrow terminals.

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from .common import console, err_console, print_json
+from .common import INTERRUPTED, console, err_console, print_json
 
 
 def train(
@@ -38,34 +38,38 @@ def train(
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ..errors import UserError
-    from ..meta.train import TrainSettings, meta_train, resolve_database
+    from ..meta.train import TrainSettings, meta_train, resolve_database, saved_epoch
 
     if device != "cpu":
         raise UserError("meta-training runs on the CPU in this version; use --device cpu")
     settings = TrainSettings(epochs=epochs, tasks_per_step=tasks_per_step, lr=lr, seed=seed, predictor=predictor)
-    settings.validate()
+    settings.validate()  # before the progress bar is drawn
     db_path = resolve_database(db)
-    with Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                  TimeRemainingColumn(), console=err_console) as bar:
-        job = bar.add_task("train", total=None, epoch=0, info="")
+    try:
+        with Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                      TimeRemainingColumn(), console=err_console) as bar:
+            job = bar.add_task("train", total=None, epoch=0, info="")
 
-        def on_step(step: int, steps: int, losses: dict) -> None:
-            bar.update(job, completed=step, total=steps,
-                       info=f"table {losses['table_loss']:.3f} · records {losses['pred_loss']:.3f} · "
-                       f"recon {losses['recon']:.3f} · kl {losses['kl']:.2f}")
+            def on_step(step: int, steps: int, losses: dict) -> None:
+                bar.update(job, completed=step, total=steps,
+                           info=f"table {losses['table_loss']:.3f} · records {losses['pred_loss']:.3f} · "
+                           f"recon {losses['recon']:.3f} · kl {losses['kl']:.2f}")
 
-        def on_epoch(epoch: int, m: dict) -> None:
-            bar.update(job, epoch=epoch + 1)
-            err_console.print(
-                f"epoch {epoch}: val spearman table {m['spearman_table']:.3f} within {m['spearman_within_task']:.3f}"
-                f" pooled {m['spearman_pooled']:.3f}"
-                f" · gen recon {m['gen_recon']:.3f} hit {m['gen_best_cell_hit_rate']:.2f} top-5 {m['gen_top5_coverage']:.2f}"
-                f" unique {m['gen_uniqueness']:.2f} · {m['seconds']:.1f}s",
-                highlight=False,
-            )
+            def on_epoch(epoch: int, m: dict) -> None:
+                bar.update(job, epoch=epoch + 1)
+                err_console.print(
+                    f"epoch {epoch}: val spearman table {m['spearman_table']:.3f} within {m['spearman_within_task']:.3f}"
+                    f" pooled {m['spearman_pooled']:.3f}"
+                    f" · gen recon {m['gen_recon']:.3f} hit {m['gen_best_cell_hit_rate']:.2f} top-5 {m['gen_top5_coverage']:.2f}"
+                    f" unique {m['gen_uniqueness']:.2f} · {m['seconds']:.1f}s",
+                    highlight=False,
+                )
 
-        ckpt, trainer = meta_train(db_path, out, settings, resume=resume, on_step=on_step, on_epoch=on_epoch,
-                                   table_path=table)
+            ckpt, trainer = meta_train(db_path, out, settings, resume=resume, on_step=on_step, on_epoch=on_epoch,
+                                       table_path=table)
+    except KeyboardInterrupt:
+        _resume_hint(db, out, table, settings, saved_epoch(out))
+        raise typer.Exit(INTERRUPTED) from None
     metrics = ckpt.config["metrics"]
     if as_json:
         print_json({"checkpoint": str(out), **metrics})
@@ -73,3 +77,20 @@ def train(
     console.print(f"wrote {out} ({metrics['epochs']} epochs, {metrics['train_seconds'] / 60:.1f} min)", highlight=False)
     for k, v in metrics["best_val"].items():
         console.print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}", highlight=False)
+
+
+def _resume_hint(db: str, out: Path, table: Path | None, settings, saved: int | None) -> None:
+    from ..meta.train import TrainSettings
+
+    if saved is None:
+        err_console.print("interrupted before the first epoch was saved; start again with the same command",
+                          highlight=False)
+        return
+    # A resumed run must keep its settings: name those that are not the defaults.
+    default = TrainSettings()
+    named = [(flag, getattr(settings, name)) for flag, name in (("--epochs", "epochs"), ("--tasks-per-step", "tasks_per_step"),
+             ("--lr", "lr"), ("--seed", "seed"), ("--predictor", "predictor")) if getattr(settings, name) != getattr(default, name)]
+    named += [("--table", table)] if table is not None else []
+    options = "".join(f" {flag} {value:g}" if isinstance(value, float) else f" {flag} {value}" for flag, value in named)
+    err_console.print(f"interrupted in epoch {saved + 1}; go on with: metad2a train --db {db} --out {out}{options} --resume",
+                      highlight=False)

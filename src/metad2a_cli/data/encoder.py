@@ -72,19 +72,26 @@ def normalize(batch: torch.Tensor) -> torch.Tensor:
 # -- the encoder -----------------------------------------------------------------------------
 
 
+def check_device(device: str) -> None:
+    """Refuse a device name we cannot use, without importing torch (a warm cache never does)."""
+    kind, _, number = device.partition(":")
+    if device in ("auto", "cpu", "cuda") or (kind == "cuda" and number.isdigit()):
+        return
+    raise UserError(f"unknown device {device!r}; choose auto, cpu or cuda")
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` picks CUDA when there is a GPU; asking for ``cuda`` without one is an error."""
     import torch
 
+    check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         return torch.device("cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
-        return torch.device(device)
-    raise UserError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    if not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+    return torch.device(device)
 
 
 def usable_cpus() -> int:

@@ -29,7 +29,7 @@ import numpy as np
 from ..atomic import atomic_paths, check_writable
 from ..errors import UserError
 from ..paths import cache_dir
-from .encoder import DEFAULT_RESOLUTION, FEATURE_DIM, ImageEncoder
+from .encoder import DEFAULT_RESOLUTION, FEATURE_DIM, ImageEncoder, check_device
 from .images import (
     EMPTY,
     BadImage,
@@ -173,12 +173,12 @@ class DatasetFeatures:
         """Classes that had fewer readable images than asked for, with how many they had."""
         return {c: n for c, n in zip(self.classes, self.counts) if n < self.num_samples}
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, overwrite: bool = True) -> Path:
         """Write one safetensors file: tensor ``class.<i>`` per class, the rest as metadata."""
         from safetensors.numpy import save_file
 
         path = Path(path)
-        check_writable(path)
+        check_writable(path, overwrite)
         tensors = {f"class.{i}": np.ascontiguousarray(f, dtype=np.float32) for i, f in enumerate(self.features)}
         meta = {
             "format": FILE_FORMAT,
@@ -189,7 +189,7 @@ class DatasetFeatures:
             "root": self.root,
             "files": json.dumps(self.files),
         }
-        with atomic_paths(path) as (tmp,):
+        with atomic_paths(path, overwrite=overwrite) as (tmp,):
             save_file(tensors, str(tmp), metadata=meta)
         return path
 
@@ -358,6 +358,7 @@ def encode_folder(
 
     See ``encode_images`` for how samples are drawn and bad files handled.
     """
+    check_device(device)  # now: with a warm cache the encoder never resolves it
     folder = read_image_folder(root)
     encoder = ImageEncoder(resolution=resolution, device=device)
     return encode_images(folder, num_samples, seed, encoder, cache, progress)

@@ -145,6 +145,35 @@ def _check_classes(classes: Sequence[str], root: Path, layout: str) -> None:
         )
 
 
+# Folder names that mean a dataset split, not a class (ROOT/train/<class>/..., ROOT/val/...).
+SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "test", "testing")
+
+
+def _check_not_splits(root: Path, classes: Sequence[str], files: Sequence[Sequence[Path]]) -> None:
+    """Refuse ROOT/train/<class> + ROOT/val/<class>: read as is, the splits would be the classes."""
+    if not classes or any(c.lower() not in SPLIT_NAMES for c in classes):
+        return
+    if all(len(f.relative_to(root / c).parts) >= 2 for c, fs in zip(classes, files) for f in fs):
+        first = next((c for c in classes if c.lower().startswith("train")), classes[0])
+        raise UserError(
+            f"{root} holds the splits {', '.join(classes)}, each a folder of class folders; "
+            f"give one of them, e.g. {root / first}"
+        )
+
+
+def _nodes_up_to_root(root: Path) -> frozenset[tuple[int, int]]:
+    """(device, inode) of ``root`` and every folder above it: a class folder linking to one
+    of them would hold the whole set (or more) as one class."""
+    nodes = set()
+    for folder in (root, *root.resolve().parents):
+        try:
+            st = folder.stat()
+        except OSError:
+            continue
+        nodes.add((st.st_dev, st.st_ino))
+    return frozenset(nodes)
+
+
 def read_image_folder(root: str | Path) -> ImageFolder:
     """``ROOT/<class>/<images>``: a class is a first-level folder, its images anywhere below.
 
@@ -164,6 +193,7 @@ def read_image_folder(root: str | Path) -> ImageFolder:
         raise UserError(f"cannot read {root}: {err.strerror}") from err
     st = root.stat()
     top = frozenset({(st.st_dev, st.st_ino)})
+    above = _nodes_up_to_root(root)
     classes: list[str] = []
     files: list[tuple[Path, ...]] = []
     for entry in entries:
@@ -179,20 +209,24 @@ def read_image_folder(root: str | Path) -> ImageFolder:
         if not entry.is_dir():
             skipped.append(Skipped(path, OUTSIDE))
             continue
+        if (st.st_dev, st.st_ino) in above:
+            skipped.append(Skipped(path, LOOP))
+            continue
         found = tuple(_walk(path, top | {(st.st_dev, st.st_ino)}, skipped))
         if found:
             classes.append(entry.name)
             files.append(found)
         else:
             skipped.append(Skipped(path, EMPTY_CLASS))
+    _check_not_splits(root, classes, files)
     _check_classes(classes, root, "ROOT/<class>/<image> (one folder per class)")
     return ImageFolder(root, tuple(classes), tuple(files), tuple(skipped))
 
 
 # -- lists -----------------------------------------------------------------------------------
 
-_PATH_KEYS = ("path", "file", "filename", "image")
-_LABEL_KEYS = ("label", "class")
+_PATH_KEYS = ("path", "file", "filename", "filepath", "file_path", "image", "image_path", "img")
+_LABEL_KEYS = ("label", "class", "category", "target", "class_name", "classname")
 
 
 def _pick(row: dict, keys: Sequence[str]) -> object:
@@ -208,10 +242,13 @@ def _csv_rows(path: Path) -> list[tuple[int, object, object]]:
     if not rows:
         return []
     header = [cell.strip().lower() for cell in rows[0]]
-    has_header = any(k in header for k in _PATH_KEYS) and any(k in header for k in _LABEL_KEYS)
-    if has_header:
-        pi = next(header.index(k) for k in _PATH_KEYS if k in header)
-        li = next(header.index(k) for k in _LABEL_KEYS if k in header)
+    # One known column name makes the first row a header; the other column is then the
+    # first one not named (a header "file,category" is not a file labeled "category").
+    pi = next((header.index(k) for k in _PATH_KEYS if k in header), None)
+    li = next((header.index(k) for k in _LABEL_KEYS if k in header), None)
+    if pi is not None or li is not None:
+        pi = pi if pi is not None else next(i for i in range(len(header) + 1) if i != li)
+        li = li if li is not None else next(i for i in range(len(header) + 1) if i != pi)
         body, first_line = rows[1:], 2
     else:
         pi, li, body, first_line = 0, 1, rows, 1
@@ -262,6 +299,8 @@ def read_image_list(list_path: str | Path) -> ImageFolder:
     for line, raw_path, label in rows:
         if not isinstance(raw_path, str) or not raw_path or label is None or str(label).strip() == "":
             raise UserError(f"{list_path}, {where} {line}: needs a path and a non-empty label")
+        if "\0" in raw_path:  # no file system has such a name; os.stat raises ValueError
+            raise UserError(f"{list_path}, {where} {line}: the path holds a NUL byte")
         path = root / raw_path
         key = os.path.normpath(os.path.abspath(path))
         if key in seen:

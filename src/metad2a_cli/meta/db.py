@@ -19,7 +19,6 @@ process stays the one writer of its shard file.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -31,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_paths
+from ..atomic import atomic_paths, check_output_folder, exclusive_lock
 from ..errors import UserError
-from ..nb201.cells import Cell
+from ..nb201.cells import NUM_CELLS, Cell
 from ..training.policies import LEGACY_AUGMENT
 from ..training.schedule import LabelSchedule
 
@@ -60,6 +59,22 @@ class BuildSettings:
     cells_per_task: int = 10
     seed: int = 0
     schedule: LabelSchedule = field(default_factory=LabelSchedule)
+
+    def validate(self) -> None:
+        least = (("--tasks", self.num_tasks, 1), ("--min-classes", self.min_classes, 2),
+                 # validation takes 2 images a class; training needs at least 1 more
+                 ("--images-per-class", self.images_per_class, 3),
+                 ("--features-per-class", self.features_per_class, 1), ("--seed", self.seed, 0))
+        for flag, value, lowest in least:
+            if value < lowest:
+                raise UserError(f"{flag} must be at least {lowest}, got {value}")
+        if self.max_classes < self.min_classes:
+            raise UserError(f"--max-classes {self.max_classes} is below --min-classes {self.min_classes}")
+        if not 1 <= self.cells_per_task <= NUM_CELLS:  # draw_cells draws distinct cells
+            raise UserError(f"--cells-per-task must be in 1..{NUM_CELLS}, got {self.cells_per_task}")
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+        self.schedule.validate()
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -180,6 +195,10 @@ class Database:
 
     @property
     def manifest(self) -> dict:
+        if not self.path.exists():
+            raise UserError(f"{self.path} does not exist")
+        if not self.path.is_dir():
+            raise UserError(f"{self.path} is not a metad2a database (a file)")
         try:
             data = json.loads((self.path / MANIFEST).read_text())
         except FileNotFoundError:
@@ -190,6 +209,13 @@ class Database:
         if data.get("format_version") not in (1, FORMAT_VERSION):
             raise UserError(f"{self.path}: database format {data.get('format_version')} is not supported")
         return data
+
+    def identity(self) -> str:
+        """Names the database's tasks (manifest and task list; records may still grow)."""
+        h = hashlib.sha256()
+        for name in (MANIFEST, TASKS):
+            h.update((self.path / name).read_bytes())
+        return h.hexdigest()
 
     def tasks(self) -> list[Task]:
         return [Task(**t) for t in json.loads((self.path / TASKS).read_text())]
@@ -220,8 +246,13 @@ class Database:
 
     # -- building ------------------------------------------------------------------------------
 
+    def check_buildable(self) -> None:
+        """A database is built in a new or empty folder, or in one holding a database."""
+        check_output_folder(self.path, lambda name: name in ("features", TASKS, MANIFEST) or name.startswith("records"))
+
     def init(self, manifest: dict, tasks: list[Task]) -> None:
         """Create the folder, or check that it was started with the same settings."""
+        self.check_buildable()
         if (self.path / MANIFEST).is_file():
             old = self.manifest
             for key in ("encoder", "settings", "sources"):
@@ -245,18 +276,9 @@ class Database:
                     f"{self.path} already has shards of another split ({other.name}); "
                     f"use --shard i/{other.stem.split('of')[-1]} or merge first"
                 )
-        lock_path = self.path / f".lock-{i}of{n}"
-        lock = open(lock_path, "a+")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            raise UserError(
-                f"another builder is writing shard {i}/{n} of {self.path}; "
-                "wait for it, or give this one a different --shard"
-            ) from None
+        busy = f"another builder is writing shard {i}/{n} of {self.path}; wait for it, or give this one a different --shard"
         path = self.path / f"records-{i}of{n}.jsonl"
-        with open(path, "a+b") as fh:
+        with exclusive_lock(self.path / f".lock-{i}of{n}", busy), open(path, "a+b") as fh:
             fh.seek(0, os.SEEK_END)
             if fh.tell():
                 fh.seek(-1, os.SEEK_END)
@@ -268,22 +290,17 @@ class Database:
                 fh.flush()
                 os.fsync(fh.fileno())
 
-            try:
-                yield append
-            finally:
-                lock.close()
+            yield append
 
     def merge(self) -> int:
         """Join all record files into ``records.jsonl``; returns the number of records."""
+        self.manifest  # noqa: B018 -- a folder that holds no database gets no records file
         shard_files = [f for f in self.record_files() if f.name != MERGED]
         for f in shard_files:
             lock_path = self.path / f".lock-{f.stem.split('records-')[-1]}"
             if lock_path.exists():
-                with open(lock_path, "a+") as lock:
-                    try:
-                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        raise UserError(f"a builder is still writing {f.name}; merge when it is done") from None
+                with exclusive_lock(lock_path, f"a builder is still writing {f.name}; merge when it is done"):
+                    pass
         records = sorted(self.records(), key=lambda r: (r.task, r.cell))
         with atomic_paths(self.path / MERGED) as (tmp,):
             tmp.write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))
@@ -445,6 +462,7 @@ def build(
     in this process on ``device``, ``chunk`` cells at a time; ``meta.distributed`` has a Ray
     one). Whatever runs them, this process is the one writer of the records.
     """
+    settings.validate()
     from safetensors.numpy import save_file
 
     from ..data.encoder import DEFAULT_RESOLUTION, ImageEncoder

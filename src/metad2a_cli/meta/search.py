@@ -54,6 +54,12 @@ class SearchResult:
         return asdict(self)
 
 
+def check_options(top_k: int, num_candidates: int, seed: int) -> None:
+    for flag, value, lowest in (("--top-k", top_k, 1), ("--num-candidates", num_candidates, 1), ("--seed", seed, 0)):
+        if value < lowest:
+            raise UserError(f"{flag} must be at least {lowest}, got {value}")
+
+
 class SearchModel:
     """Trained weights as NumPy arrays, plus what is derived from them once."""
 
@@ -81,9 +87,36 @@ class SearchModel:
         if not path.is_file():
             raise UserError(f"{folder} has no {MODEL_FILE}")
         identity = config.get("files", {}).get(MODEL_FILE) or hashlib.sha256(path.read_bytes()).hexdigest()
-        sizes = ModelSizes.from_dict(config["model"])
+        try:
+            sizes = ModelSizes.from_dict(config["model"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{folder / 'config.json'}: 'model' needs integer feature_dim, hidden, latent and heads") from err
+        try:
+            weights = load_file(str(path))
+        except Exception as err:  # safetensors raises several types for a damaged file
+            raise UserError(f"{path} is not a readable safetensors file ({err})") from err
         terms = config.get("predictor", {}).get("terms", ["dataset"])
-        return cls(load_file(str(path)), sizes, identity, config.get("target"), terms)
+        model = cls(weights, sizes, identity, config.get("target"), terms)
+        model._probe(path)
+        return model
+
+    def _probe(self, path: Path) -> None:
+        """Run every network once on a tiny input. A file whose sha256 matches config.json can
+        still hold other tensor names or shapes than its sizes say: fail here, in one line."""
+        try:
+            x = np.zeros((1, 2, 1, self.sizes.feature_dim), dtype=np.float32)
+            mask = np.ones((1, 2, 1), dtype=bool)
+            d = engine.set_encode(self.weights, "predictor.set_encoder", x, mask, self.sizes.heads)[0]
+            graphs = engine.graph_encode(self.weights, node_type_array([Cell.from_code(0)]))
+            scores = engine.score(self.weights, d, graphs, self.terms)
+            mu, _ = engine.generator_posterior(self.weights, x, mask, self.sizes.heads)
+            ops = engine.generate(self.weights, mu, np.zeros((1, 6), dtype=np.float32))
+            if scores.shape != (1,) or ops.shape != (1, 6):
+                raise ValueError(f"outputs of shapes {scores.shape} and {ops.shape}")
+        except (KeyError, ValueError, IndexError) as err:
+            raise UserError(
+                f"{path} does not fit the model sizes in config.json ({type(err).__name__}: {err})"
+            ) from err
 
     # -- derived once per weights ------------------------------------------------------------
 
@@ -154,8 +187,7 @@ class SearchModel:
         exhaustive: bool = False,
         seed: int = 0,
     ) -> SearchResult:
-        if top_k < 1 or num_candidates < 1:
-            raise UserError("--top-k and --num-candidates must be at least 1")
+        check_options(top_k, num_candidates, seed)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         x, mask = self.dataset_batch(features)

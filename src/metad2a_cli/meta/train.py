@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import check_output_folder
 from ..errors import UserError
 from ..nb201.cells import NUM_CELLS, Cell
 from ..nb201.graph import one_hot_graphs
@@ -64,14 +65,19 @@ class TrainSettings:
     def validate(self) -> None:
         if self.predictor not in TERMS:
             raise UserError(f"--predictor must be one of {', '.join(TERMS)}, got {self.predictor!r}")
-        if self.epochs < 1 or self.tasks_per_step < 1 or self.num_samples < 1 or self.table_batch < 1:
-            raise UserError("--epochs, --tasks-per-step and the batch sizes must be at least 1")
-        if not self.lr > 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
+        least = (("--epochs", self.epochs, 1), ("--tasks-per-step", self.tasks_per_step, 1),
+                 ("num_samples", self.num_samples, 1), ("num_candidates", self.num_candidates, 1),
+                 ("table_batch", self.table_batch, 1), ("generator_top", self.generator_top, 1),
+                 ("--seed", self.seed, 0))
+        for flag, value, lowest in least:
+            if value < lowest:
+                raise UserError(f"{flag} must be at least {lowest}, got {value}")
+        if not 0 < self.lr < math.inf:
+            raise UserError(f"--lr must be a positive finite number, got {self.lr}")
+        if not 0 <= self.kl_weight < math.inf:
+            raise UserError(f"kl_weight must be a finite number, at least 0, got {self.kl_weight}")
         if not 0 <= self.val_fraction < 1 or not 0 <= self.table_val_fraction < 1:
             raise UserError("validation fractions must be in [0, 1)")
-        if self.generator_top < 1:
-            raise UserError("generator_top must be at least 1")
 
     @property
     def terms(self) -> tuple[str, ...]:
@@ -409,6 +415,14 @@ class MetaTrainer:
 # -- the command's driver ----------------------------------------------------------------------
 
 
+def saved_epoch(out: Path) -> int | None:
+    """The last epoch a run in ``out`` saved (what ``--resume`` goes on from), or None."""
+    try:
+        return int(json.loads((out / ".train" / STATE_JSON).read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def resolve_database(name_or_path: str) -> Path:
     """A database folder, or the name of one shipped in the repository (e.g. ``nb201``)."""
     from ..paths import cache_dir
@@ -471,11 +485,14 @@ def meta_train(
     if resume:
         if not (state_dir / STATE_JSON).is_file():
             raise UserError(f"nothing to resume in {out}")
+        _check_same_database(out, db)
         trainer.load_state(state_dir)
     elif (state_dir / STATE_JSON).is_file():
         raise UserError(f"{out} holds a training run; pass --resume to continue it or choose another --out")
+    else:
+        check_output_folder(out)
     info = db.info()
-    database = {"path": str(db.path), "name": db.path.name, "tasks": info["tasks_with_records"],
+    database = {"path": str(db.path), "name": db.path.name, "id": db.identity(), "tasks": info["tasks_with_records"],
                 "records": info["records"], "schedule": info["schedule"],
                 "table": table.source if table is not None else None, "predictor": settings.predictor}
     ckpt = None
@@ -506,6 +523,15 @@ def meta_train(
 
     modelcard.write(out, ckpt.config)
     return ckpt, trainer
+
+
+def _check_same_database(out: Path, db: Database) -> None:
+    """A resumed run goes on with the database it started on, or its metrics mix two."""
+    from .weights import load_checkpoint_config
+
+    started = load_checkpoint_config(out).get("database", {})
+    if started.get("id", db.identity()) != db.identity():
+        raise UserError(f"{out} was trained on {started['path']}, not {db.path}; resume with --db {started['path']}")
 
 
 def _best_metrics(history: list[dict]) -> dict:

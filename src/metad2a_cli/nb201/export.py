@@ -1,7 +1,8 @@
 """Write a cell's network as ONNX or as a self-contained PyTorch program, and prove it.
 
 Every export is checked after writing: the written file is loaded back (onnxruntime, or
-``torch.export.load``) and its output on a random batch must match the PyTorch network.
+``torch.export.load``) and its output on a random batch must match the PyTorch network
+within a tolerance relative to the output's scale.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ from .network import Network, NetworkConfig
 
 FORMATS = ("onnx", "torch")
 ONNX_OPSET = 18
-MAX_ABS_DIFF = 1e-4
+# Two runtimes add in different orders, so float32 rounding grows with the logits, and an
+# untrained network's logits reach 4.9e6 (cell 3948). Over 19 cells (ranks 1-5 of the
+# quick start's search and 14 NB201 indices, default config) onnxruntime differed from
+# PyTorch by at most 4.3e-7 x max|logit| (3.6 float32 epsilons): RTOL leaves 20x headroom,
+# while a wrong weight or operation is off by the order of the logits themselves. ATOL
+# covers networks whose logits all sit near zero.
+RTOL = 1e-5
+ATOL = 1e-5
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 
@@ -44,6 +52,7 @@ class ExportResult:
     format: str
     paths: tuple[Path, ...]
     max_abs_diff: float
+    allowed_diff: float  # ATOL + RTOL * max|PyTorch output| on the check batch
     checks: dict = field(default_factory=dict)
 
 
@@ -94,27 +103,29 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max())
-
-
-def _verify(diff: float, what: str) -> None:
-    if not diff <= MAX_ABS_DIFF:  # also catches NaN
+def compare(output: torch.Tensor, reference: torch.Tensor, what: str) -> tuple[float, float]:
+    """(max abs difference, allowed difference); raises ExportCheckError beyond it."""
+    output, reference = output.float(), reference.float()
+    diff = float((output - reference).abs().max())
+    allowed = ATOL + RTOL * float(reference.abs().max())
+    if not diff <= allowed:  # also catches NaN
         raise ExportCheckError(
-            f"{what} output differs from PyTorch by {diff:.3g} (allowed {MAX_ABS_DIFF:g}); "
-            "the file was not written"
+            f"{what} output differs from PyTorch by {diff:.3g} (allowed {allowed:.3g}, "
+            f"{RTOL:g} of the output's scale); the file was not written"
         )
+    return diff, allowed
 
 
 def export_onnx(
-    net: nn.Module, path: Path, seed: int = 0, meta: dict | None = None, validate: Validate | None = None
+    net: nn.Module, path: Path, seed: int = 0, meta: dict | None = None, validate: Validate | None = None,
+    overwrite: bool = True,
 ) -> ExportResult:
     import onnx
     import onnxruntime as ort
 
     meta = {**describe(net.cell, net.config), **(meta or {})}
     batch = torch.export.Dim("batch", min=1)
-    with atomic_paths(path) as (tmp,), _quiet_exporter():
+    with atomic_paths(path, overwrite=overwrite) as (tmp,), _quiet_exporter():
         program = torch.onnx.export(
             net,
             (_example_batch(net.config),),
@@ -140,8 +151,8 @@ def export_onnx(
             (out,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
             return torch.from_numpy(out)
 
-        diff, checks = _check(net, predict, seed, "onnxruntime", validate)
-    return ExportResult("onnx", (path,), diff, checks)
+        diff, allowed, checks = _check(net, predict, seed, "onnxruntime", validate)
+    return ExportResult("onnx", (path,), diff, allowed, checks)
 
 
 def torch_sidecars(path: Path) -> tuple[Path, Path]:
@@ -150,7 +161,8 @@ def torch_sidecars(path: Path) -> tuple[Path, Path]:
 
 
 def export_torch(
-    net: nn.Module, path: Path, seed: int = 0, meta: dict | None = None, validate: Validate | None = None
+    net: nn.Module, path: Path, seed: int = 0, meta: dict | None = None, validate: Validate | None = None,
+    overwrite: bool = True,
 ) -> ExportResult:
     from safetensors.torch import save_file
 
@@ -161,7 +173,7 @@ def export_torch(
     meta["files"] = {"program": path.name, "weights": weights_path.name}
     meta["load"] = f"torch.export.load('{path.name}').module()"
     batch = torch.export.Dim("batch", min=1)
-    with atomic_paths(path, weights_path, json_path) as (tmp, tmp_weights, tmp_json):
+    with atomic_paths(path, weights_path, json_path, overwrite=overwrite) as (tmp, tmp_weights, tmp_json):
         with _quiet_exporter():
             program = torch.export.export(
                 net, (_example_batch(net.config),), dynamic_shapes={"x": {0: batch}}
@@ -172,23 +184,27 @@ def export_torch(
         tmp_json.write_text(json.dumps(meta, indent=2) + "\n")
 
         loaded = torch.export.load(str(tmp)).module()
-        diff, checks = _check(net, loaded, seed, "the saved PyTorch program's", validate)
-    return ExportResult("torch", (path, weights_path, json_path), diff, checks)
+        diff, allowed, checks = _check(net, loaded, seed, "the saved PyTorch program's", validate)
+    return ExportResult("torch", (path, weights_path, json_path), diff, allowed, checks)
 
 
-def _check(net: nn.Module, predict: Predict, seed: int, what: str, validate: Validate | None) -> tuple[float, dict]:
+def _check(
+    net: nn.Module, predict: Predict, seed: int, what: str, validate: Validate | None
+) -> tuple[float, float, dict]:
     x = _check_batch(net.config, seed)
     with torch.no_grad():
-        diff = _max_abs_diff(predict(x), net(x))
-        _verify(diff, what)
-        return diff, (validate(predict) if validate is not None else {})
+        diff, allowed = compare(predict(x), net(x), what)
+        return diff, allowed, (validate(predict) if validate is not None else {})
 
 
 def export_network(
-    net: nn.Module, fmt: str, path: Path, seed: int = 0, meta: dict | None = None, validate: Validate | None = None
+    net: nn.Module, fmt: str, path: Path, seed: int = 0, meta: dict | None = None, validate: Validate | None = None,
+    overwrite: bool = True,
 ) -> ExportResult:
-    """Write ``net`` (a ``Network`` or anything with its ``cell`` and ``config``) and check it."""
+    """Write ``net`` (a ``Network`` or anything with its ``cell`` and ``config``) and check it.
+
+    ``overwrite=False`` refuses to replace any existing file the export would write."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    check_writable(path)
-    return (export_onnx if fmt == "onnx" else export_torch)(net, path, seed, meta, validate)
+    check_writable(path, overwrite)
+    return (export_onnx if fmt == "onnx" else export_torch)(net, path, seed, meta, validate, overwrite)

@@ -14,9 +14,11 @@ resuming and finishing a run.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 from .._version import __version__
-from ..atomic import atomic_paths
+from ..atomic import atomic_paths, check_output_folder, exclusive_lock
 from ..data.images import Skipped, read_image_folder
 from ..errors import UserError
 from ..nb201.cells import Cell
@@ -55,6 +57,7 @@ VALIDATION = "validation.safetensors"
 CONFUSION_PNG = "confusion.png"
 CURVES_PNG = "curves.png"
 RUN_FILES = (FIT_JSON, LAST, BEST, VALIDATION, CONFUSION_PNG, CURVES_PNG)
+LOCK = ".lock"  # held by the fit writing the folder
 
 
 # -- the run folder --------------------------------------------------------------------------
@@ -70,20 +73,25 @@ class RunFolder:
     def exists(self) -> bool:
         return (self / FIT_JSON).is_file()
 
-    def prepare_new(self) -> None:
-        """Make the folder; refuse one that holds a fit or anything that is not ours."""
-        if self.path.exists() and not self.path.is_dir():
-            raise UserError(f"{self.path} is a file; give a folder for the run")
-        if self.exists():
-            raise UserError(f"{self.path} already holds a fit; add --resume to go on with it, or choose another folder")
-        if self.path.is_dir():
-            foreign = sorted(p.name for p in self.path.iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
-            if foreign:
-                raise UserError(f"{self.path} is not empty ({foreign[0]}, ...); give a new or empty folder")
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Held while a fit writes the folder: a second fit into it is refused, not lost."""
+        busy = f"another fit is running in {self.path}; wait for it to end or choose another folder"
+        with exclusive_lock(self / LOCK, busy):
+            yield
+
+    @contextlib.contextmanager
+    def claim_new(self) -> Iterator[None]:
+        """Make the folder and hold its lock; refuse one that holds a fit or anything not ours."""
+        check_output_folder(self.path, lambda name: name in RUN_FILES)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise UserError(f"cannot create {self.path}: {err.strerror}") from err
+        with self.locked():
+            if self.exists():  # asked under the lock: a fit started just before has written it
+                raise UserError(f"{self.path} already holds a fit; add --resume to go on with it, or choose another folder")
+            yield
 
     def read_record(self) -> dict:
         if not self.exists():
@@ -244,42 +252,42 @@ def start_fit(
     reporter = reporter or Reporter()
     dev = _device(device)
     run = RunFolder(run_dir)
-    run.prepare_new()
-    folder = read_image_folder(root)
-    searched = (source or {}).get("classes")
-    if searched and list(searched) != list(folder.classes):
-        reporter.note(
-            f"search run {source['search_run']} was made on other classes than {root}'s; "
-            "its cell was picked for that dataset"
-        )
-    split, train, val, bad = split_and_decode(folder, settings.val_fraction, settings.input_size, settings.seed, decode_progress)
-    skipped = list(folder.skipped) + bad
-    classes = list(folder.classes)
-    mean, std = channel_stats(train.images)
-    state = FitState(batch_size=batch_size or default_batch_size(len(train)))
-    record = {
-        "format": FORMAT_VERSION,
-        "producer": f"metad2a {__version__}",
-        "settings": asdict(settings),
-        "source": source or {"arch": settings.cell},
-        "dataset": {
-            "root": str(Path(root).resolve()),  # as given: a folder, or a .csv/.json list
-            "classes": classes,
-            "num_train": len(train),
-            "num_val": len(val),
-            "mean": mean,
-            "std": std,
-            "skipped": len(skipped),
-            "split": split.to_dict(),
-        },
-        "device": str(dev),
-    }
-    trainer = Trainer(settings, _network(settings, classes, mean, std), classes, train, val, state, dev, reporter)
-    # Two checkpoints with their temporary copies, the validation images and the plots.
-    run.check_free_space(4 * trainer.checkpoint_bytes() + val.images.nbytes + 8_000_000)
-    save_tensors(run / VALIDATION, {"images": torch.from_numpy(val.images), "labels": torch.from_numpy(val.labels)}, {})
-    _save_progress(run, trainer, record)
-    return _train(run, trainer, record, skipped)
+    with run.claim_new():
+        folder = read_image_folder(root)
+        searched = (source or {}).get("classes")
+        if searched and list(searched) != list(folder.classes):
+            reporter.note(
+                f"search run {source['search_run']} was made on other classes than {root}'s; "
+                "its cell was picked for that dataset"
+            )
+        split, train, val, bad = split_and_decode(folder, settings.val_fraction, settings.input_size, settings.seed, decode_progress)
+        skipped = list(folder.skipped) + bad
+        classes = list(folder.classes)
+        mean, std = channel_stats(train.images)
+        state = FitState(batch_size=batch_size or default_batch_size(len(train)))
+        record = {
+            "format": FORMAT_VERSION,
+            "producer": f"metad2a {__version__}",
+            "settings": asdict(settings),
+            "source": source or {"arch": settings.cell},
+            "dataset": {
+                "root": str(Path(root).resolve()),  # as given: a folder, or a .csv/.json list
+                "classes": classes,
+                "num_train": len(train),
+                "num_val": len(val),
+                "mean": mean,
+                "std": std,
+                "skipped": len(skipped),
+                "split": split.to_dict(),
+            },
+            "device": str(dev),
+        }
+        trainer = Trainer(settings, _network(settings, classes, mean, std), classes, train, val, state, dev, reporter)
+        # Two checkpoints with their temporary copies, the validation images and the plots.
+        run.check_free_space(4 * trainer.checkpoint_bytes() + val.images.nbytes + 8_000_000)
+        save_tensors(run / VALIDATION, {"images": torch.from_numpy(val.images), "labels": torch.from_numpy(val.labels)}, {})
+        _save_progress(run, trainer, record)
+        return _train(run, trainer, record, skipped)
 
 
 def resume_fit(
@@ -300,31 +308,33 @@ def resume_fit(
     reporter = reporter or Reporter()
     dev = _device(device)
     run = RunFolder(run_dir)
-    record = run.read_record()
-    settings = FitSettings.from_record(record["settings"])
-    record["settings"] = asdict(settings)  # an old record gains the policy it trained with
-    check_same_settings(given or {}, settings)
-    tensors, meta = load_tensors(run / LAST)
-    state = FitState.from_dict(meta["state"])
-    if state.completed and _is_finished(run, record):
-        return FitOutcome(run.path, True, state, record, [])  # finished: nothing to read or train
-    root = Path(record["dataset"]["root"]) if root is None else Path(root)
-    folder = read_image_folder(root)
-    classes = record["dataset"]["classes"]
-    if list(folder.classes) != classes:
-        raise UserError(_class_difference(root, list(folder.classes), classes))
-    split = Split.from_dict(record["dataset"]["split"])
-    train = decode_split_side(folder.root, split.train, settings.input_size, decode_progress)
-    val = _load_validation(run)
-    _check_batch_size(batch_size)
-    if batch_size is not None and batch_size != state.batch_size:
-        reporter.note(f"batch size {batch_size} from here on (the run used {state.batch_size})")
-        state.batch_size = batch_size
-    mean, std = record["dataset"]["mean"], record["dataset"]["std"]
-    trainer = Trainer(settings, _network(settings, classes, mean, std), classes, train, val, state, dev, reporter)
-    trainer.load_checkpoint(tensors)
-    record["device"] = str(dev)
-    return _train(run, trainer, record, list(folder.skipped))
+    run.read_record()  # a folder with no fit: say so, and leave no lock file in it
+    with run.locked():
+        record = run.read_record()  # again under the lock: as the last fit left it
+        settings = FitSettings.from_record(record["settings"])
+        record["settings"] = asdict(settings)  # an old record gains the policy it trained with
+        check_same_settings(given or {}, settings)
+        tensors, meta = load_tensors(run / LAST)
+        state = FitState.from_dict(meta["state"])
+        if state.completed and _is_finished(run, record):
+            return FitOutcome(run.path, True, state, record, [])  # finished: nothing to read or train
+        root = Path(record["dataset"]["root"]) if root is None else Path(root)
+        folder = read_image_folder(root)
+        classes = record["dataset"]["classes"]
+        if list(folder.classes) != classes:
+            raise UserError(_class_difference(root, list(folder.classes), classes))
+        split = Split.from_dict(record["dataset"]["split"])
+        train = decode_split_side(folder.root, split.train, settings.input_size, decode_progress)
+        val = _load_validation(run)
+        _check_batch_size(batch_size)
+        if batch_size is not None and batch_size != state.batch_size:
+            reporter.note(f"batch size {batch_size} from here on (the run used {state.batch_size})")
+            state.batch_size = batch_size
+        mean, std = record["dataset"]["mean"], record["dataset"]["std"]
+        trainer = Trainer(settings, _network(settings, classes, mean, std), classes, train, val, state, dev, reporter)
+        trainer.load_checkpoint(tensors)
+        record["device"] = str(dev)
+        return _train(run, trainer, record, list(folder.skipped))
 
 
 def _network(settings: FitSettings, classes: list[str], mean: list[float], std: list[float]) -> TrainedNetwork:
@@ -357,9 +367,11 @@ def _train(run: RunFolder, trainer: Trainer, record: dict, skipped: list[Skipped
         })
     while not state.completed:
         if not trainer.run_epoch():
+            _check_finite(run, state.epoch + 1, state.running.loss_sum)
             _save_progress(run, trainer, record)
             return FitOutcome(run.path, False, state, record, skipped)
         entry, ev = trainer.finish_epoch()
+        _check_finite(run, entry["epoch"], entry["train_loss"], ev.loss)
         if state.best is None or ev.accuracy > state.best["val_acc"]:
             state.best = {"epoch": entry["epoch"], "val_acc": ev.accuracy, "val_loss": ev.loss}
             _save_best(run, trainer, record)
@@ -369,6 +381,17 @@ def _train(run: RunFolder, trainer: Trainer, record: dict, skipped: list[Skipped
     if not _is_finished(run, record):
         _finish(run, trainer, record)
     return FitOutcome(run.path, True, state, record, skipped)
+
+
+def _check_finite(run: RunFolder, epoch: int, *losses: float) -> None:
+    """A NaN or infinite loss means the weights are lost: stop before they overwrite the
+    last checkpoint, which then still holds the last good epoch."""
+    bad = next((x for x in losses if not math.isfinite(x)), None)
+    if bad is not None:
+        raise UserError(
+            f"training diverged in epoch {epoch} (loss {bad}); lower --lr. {run / LAST} keeps "
+            "the last checkpoint before it"
+        )
 
 
 def check_same_settings(given: dict, saved: FitSettings) -> None:
@@ -451,7 +474,7 @@ def accuracy_check(fitted: FittedModel, tie_margin: float = 1e-3):
     return validate
 
 
-def export_fitted(run_dir: Path, fmt: str, path: Path):
+def export_fitted(run_dir: Path, fmt: str, path: Path, overwrite: bool = True):
     """Write a fit's best network; it must reproduce the fit's validation predictions."""
     from ..nb201.export import export_network
 
@@ -473,4 +496,4 @@ def export_fitted(run_dir: Path, fmt: str, path: Path):
             "augment": settings["augment"],
         },
     }
-    return export_network(fitted.network, fmt, path, meta=meta, validate=accuracy_check(fitted))
+    return export_network(fitted.network, fmt, path, meta=meta, validate=accuracy_check(fitted), overwrite=overwrite)

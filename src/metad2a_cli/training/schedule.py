@@ -22,6 +22,10 @@ class LabelSchedule:
     input_size: int = 32
     augment: str = DEFAULT_AUGMENT
 
+    def validate(self) -> None:
+        """A label is a fit, so its schedule must be one `metad2a fit` would run."""
+        self.fit_settings(Cell.from_index(0), seed=0).validate()
+
     def to_dict(self) -> dict:
         return asdict(self)
 

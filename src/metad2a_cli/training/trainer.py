@@ -9,6 +9,7 @@ the database's labels (``labels``) train many cells at once with it, so a label 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -60,10 +61,10 @@ class FitSettings:
         check_policy(self.augment)
         if self.epochs < 1:
             raise UserError(f"--epochs must be at least 1, got {self.epochs}")
-        if not self.lr > 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
-        if self.weight_decay < 0:
-            raise UserError(f"--weight-decay must not be negative, got {self.weight_decay}")
+        if not 0 < self.lr < math.inf:
+            raise UserError(f"--lr must be a positive finite number, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise UserError(f"--weight-decay must be a finite number, at least 0, got {self.weight_decay}")
         self.network_config(2).validate()
 
     def network_config(self, num_classes: int) -> NetworkConfig:
