@@ -94,7 +94,9 @@ def test_build_end_to_end_and_resume(sources, tmp_path):
 
 
 def test_db_info_resolves_a_shipped_name(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # no folder of that name here
+    # From a clone's root, as the README runs commands (CI installs the package non-editable,
+    # so nothing is found beside the installed code).
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
     assert cli.run(["db", "info", "nb201", "--json"]) == 0
     assert Path(json.loads(capsys.readouterr().out)["path"]).parts[-2:] == ("databases", "nb201")
     assert cli.run(["db", "info", "no-such-db"]) == 2
@@ -181,7 +183,8 @@ def test_cli_on_paths_that_are_no_database(tmp_path, capsys):
     cases = [
         (["db", "info", str(tmp_path / "file")], f"{tmp_path / 'file'} is not a metad2a database (a file)"),
         (["db", "merge", str(tmp_path / "file")], f"{tmp_path / 'file'} is not a metad2a database (a file)"),
-        (["db", "info", str(tmp_path / "nowhere")], f"{tmp_path / 'nowhere'} does not exist"),
+        (["db", "info", str(tmp_path / "nowhere")],
+         f"no database '{tmp_path / 'nowhere'}': give a folder made by `metad2a db build` or a known name (nb201)"),
         (["db", "merge", str(tmp_path / "nowhere")], f"{tmp_path / 'nowhere'} does not exist"),
         (["db", "merge", str(tmp_path / "folder")], f"{tmp_path / 'folder'} is not a metad2a database (no manifest.json)"),
         (["db", "build", str(tmp_path / "file"), "-s", str(tmp_path)], f"{tmp_path / 'file'} is a file; give a folder"),

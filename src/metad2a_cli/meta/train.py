@@ -428,8 +428,8 @@ def resolve_database(name_or_path: str) -> Path:
     from ..paths import cache_dir
 
     path = Path(name_or_path)
-    if (path / "manifest.json").is_file():
-        return path
+    if path.exists():
+        return path  # Database() says what is wrong with it, if anything
     if "/" not in name_or_path:
         # A clone's databases/ (from its root, or beside an editable install), then the cache.
         roots = (Path.cwd() / "databases", Path(__file__).resolve().parents[3] / "databases", cache_dir() / "databases")
