@@ -74,6 +74,33 @@ def test_graph_encoder_and_scores_match(models):
     pred.terms = ("table", "dataset")
 
 
+def test_table_lookup_matches_and_falls_back_to_the_prior(models):
+    _, pred, w = models
+    cells = all_cells()[:300]
+    codes = torch.tensor([c.code for c in cells])
+    listed = codes[::2]  # half the cells are in the table
+    pred = MetaPredictor(SIZES, ("table", "dataset")).eval()
+    pred.load_state_dict({k[len("predictor."):]: torch.from_numpy(v) for k, v in w.items() if k.startswith("predictor.")},
+                         strict=False)
+    pred.set_table(listed, torch.linspace(-2, 2, len(listed)))
+    wt = dict(w, **{"predictor.table_z": pred.table_z.numpy()})
+    graphs = engine.graph_encode(wt, node_type_array(cells))
+    dataset = np.random.default_rng(0).standard_normal(SIZES.latent).astype(np.float32)
+    got = engine.score(wt, dataset, graphs, ("table",), codes.numpy())
+    with torch.no_grad():
+        ref = pred.score(torch.from_numpy(dataset).expand(len(cells), -1), torch.from_numpy(graphs), codes).numpy()
+        prior = pred.prior_score(torch.from_numpy(graphs)).numpy()
+    pred.terms = ("table",)
+    with torch.no_grad():
+        ref_table = pred.score(torch.zeros(len(cells), SIZES.latent), torch.from_numpy(graphs), codes).numpy()
+    np.testing.assert_allclose(got, ref_table, atol=1e-5)
+    np.testing.assert_allclose(got[::2], np.linspace(-2, 2, len(listed)), atol=1e-6)  # listed: the table itself
+    np.testing.assert_allclose(got[1::2], prior[1::2], atol=1e-5)  # unlisted: the prior
+    np.testing.assert_allclose(engine.score(wt, dataset, graphs, ("table", "dataset"), codes.numpy()), ref, atol=1e-5)
+    # without codes (or a checkpoint without a table) the prior scores every cell
+    np.testing.assert_allclose(engine.score(wt, dataset, graphs, ("table",)), prior, atol=1e-5)
+
+
 def test_generator_decode_matches(models):
     gen, _, w = models
     rng = np.random.default_rng(1)

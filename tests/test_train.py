@@ -222,12 +222,31 @@ def test_table_term_alone_follows_the_table_whatever_the_records_say(tmp_path):
     assert sum(op == 3 for op in Cell.parse(first[0]).ops) >= 4
 
 
+def test_listed_cells_are_scored_by_the_table_itself(tmp_path):
+    from metad2a_cli.meta.table import load_table
+
+    db = make_db(tmp_path / "db")
+    table = load_table(db / "imagenet16_120.csv")  # 2,000 of the 15,625 cells
+    meta_train(db, tmp_path / "w", TrainSettings(epochs=1, num_candidates=20, predictor="table"), sizes=SIZES)
+    model = SearchModel.load(tmp_path / "w", load_checkpoint_config(tmp_path / "w"))
+    predicted = model.predict_all(*model.dataset_batch(_datasets()[0]))
+    np.testing.assert_allclose(predicted[table.codes], table.accuracy, atol=1e-3)
+    unlisted = np.setdiff1d(np.arange(15625), table.codes)
+    assert np.isfinite(predicted[unlisted]).all() and predicted[unlisted].std() > 0  # the prior's guesses
+    # the table's best cell is first unless the prior guesses some unlisted cell higher
+    best_listed = int(table.codes[table.accuracy.argmax()])
+    first = int(np.argmax(predicted))
+    assert first == best_listed or first in set(unlisted.tolist())
+    assert int(np.argmax(np.where(np.isin(np.arange(15625), table.codes), predicted, -np.inf))) == best_listed
+
+
 def test_both_terms_condition_on_the_dataset_and_database_needs_no_table(tmp_path):
     db = make_db(tmp_path / "db")
     meta_train(db, tmp_path / "both", TrainSettings(epochs=2, tasks_per_step=4, num_candidates=20, predictor="both"),
                sizes=SIZES)
-    first, second = (_ranking(tmp_path / "both", f) for f in _datasets())
-    assert first != second
+    model = SearchModel.load(tmp_path / "both", load_checkpoint_config(tmp_path / "both"))
+    first, second = (model.predict_all(*model.dataset_batch(f)) for f in _datasets())
+    assert np.argsort(-first).tolist() != np.argsort(-second).tolist()  # each dataset its own ranking
     (db / "imagenet16_120.csv").unlink()
     with pytest.raises(UserError, match="no table of published accuracies"):
         meta_train(db, tmp_path / "x", TrainSettings(epochs=1), sizes=SIZES)

@@ -120,12 +120,19 @@ def graph_encode(w: Weights, types: np.ndarray) -> np.ndarray:
 # -- predictor head ---------------------------------------------------------------------------
 
 
-def score(w: Weights, dataset: np.ndarray, graphs: np.ndarray, terms: tuple[str, ...] = ("dataset",)) -> np.ndarray:
-    """dataset (latent,) and cell embeddings (N, latent) -> (N,) predicted scores: the sum
-    of the predictor's trained terms (models/predictor.py)."""
+def score(
+    w: Weights, dataset: np.ndarray, graphs: np.ndarray, terms: tuple[str, ...] = ("dataset",),
+    codes: np.ndarray | None = None,
+) -> np.ndarray:
+    """dataset (latent,) and cell embeddings (N, latent) of cells ``codes`` (N,) -> (N,)
+    predicted scores: the sum of the predictor's trained terms (models/predictor.py)."""
     total = np.zeros(len(graphs), dtype=np.float32)
     if "table" in terms:
-        total = total + _linear(w, "predictor.prior.2", np.tanh(_linear(w, "predictor.prior.0", graphs)))[:, 0]
+        table = _linear(w, "predictor.prior.2", np.tanh(_linear(w, "predictor.prior.0", graphs)))[:, 0]
+        if codes is not None and "predictor.table_z" in w:  # checkpoints before it: the prior only
+            known = w["predictor.table_z"][codes]
+            table = np.where(np.isnan(known), table, known)
+        total = total + table
     if "dataset" in terms:
         w1, b1 = w["predictor.head.0.weight"], w["predictor.head.0.bias"]
         latent = dataset.shape[-1]

@@ -43,7 +43,8 @@ def render(config: dict[str, Any], heldout: list[dict[str, Any]] | None = None) 
     if "table" in terms:
         lines += [
             f"- table term: NAS-Bench-201's published 200-epoch accuracies of all cells (`{db.get('table')}`;",
-            "  Dong & Yang, ICLR 2020; MIT). The benchmark's CIFAR-10/100 results were never used.",
+            "  Dong & Yang, ICLR 2020; MIT). Cells it lists are scored by their published accuracy; a prior",
+            "  regressed on it scores any other. The benchmark's CIFAR-10/100 results were never used.",
         ]
     lines += [
         f"- database `{db.get('name')}`: {db.get('tasks')} tasks, {db.get('records')} (task, cell, accuracy) records,",

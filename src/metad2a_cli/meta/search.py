@@ -108,7 +108,7 @@ class SearchModel:
             mask = np.ones((1, 2, 1), dtype=bool)
             d = engine.set_encode(self.weights, "predictor.set_encoder", x, mask, self.sizes.heads)[0]
             graphs = engine.graph_encode(self.weights, node_type_array([Cell.from_code(0)]))
-            scores = engine.score(self.weights, d, graphs, self.terms)
+            scores = engine.score(self.weights, d, graphs, self.terms, np.zeros(1, dtype=np.int64))
             mu, _ = engine.generator_posterior(self.weights, x, mask, self.sizes.heads)
             ops = engine.generate(self.weights, mu, np.zeros((1, 6), dtype=np.float32))
             if scores.shape != (1,) or ops.shape != (1, 6):
@@ -152,7 +152,7 @@ class SearchModel:
     def predict_all(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Predicted accuracy (percent) of every cell, indexed by ``Cell.code``."""
         d = engine.set_encode(self.weights, "predictor.set_encoder", x, mask, self.sizes.heads)[0]
-        scores = engine.score(self.weights, d, self.cell_embeddings(), self.terms)
+        scores = engine.score(self.weights, d, self.cell_embeddings(), self.terms, np.arange(NUM_CELLS))
         return scores * self.target["std"] + self.target["mean"]
 
     def generate(self, x: np.ndarray, mask: np.ndarray, num_candidates: int, rng: np.random.Generator) -> tuple[list[int], int, float]:

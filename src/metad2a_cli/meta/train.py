@@ -182,6 +182,8 @@ class MetaTrainer:
         torch.manual_seed(settings.seed)
         self.generator = CellGenerator(sizes)
         self.predictor = MetaPredictor(sizes, settings.terms)
+        if self.table is not None:  # every listed cell, validation rows too: they are known
+            self.predictor.set_table(torch.from_numpy(table.codes), torch.from_numpy(z))
         self.opt_gen = torch.optim.Adam(self.generator.parameters(), lr=settings.lr)
         self.opt_pred = torch.optim.Adam(self.predictor.parameters(), lr=settings.lr)
         self.noise = torch.Generator().manual_seed(settings.seed)
@@ -210,7 +212,8 @@ class MetaTrainer:
         """Scores of every cell (embeddings ``emb``) for each dataset: (T, latent) -> (T, 15625)."""
         t = datasets.shape[0]
         rows = datasets[:, None].expand(-1, NUM_CELLS, -1).reshape(-1, datasets.shape[-1])
-        return self.predictor.score(rows, emb.repeat(t, 1)).view(t, NUM_CELLS)
+        codes = torch.arange(NUM_CELLS).repeat(t)
+        return self.predictor.score(rows, emb.repeat(t, 1), codes).view(t, NUM_CELLS)
 
     def generator_targets(self, scores: torch.Tensor) -> torch.Tensor:
         """For each task, one of its ``generator_top`` best-scored cells: (T, 15625) -> (T, 6) ops."""
@@ -238,18 +241,21 @@ class MetaTrainer:
             if self.table is not None:
                 codes, z = self.table["train"]
                 rows = self.rng.choice(len(codes), min(s.table_batch, len(codes)), replace=False)
-                pred = self.predictor.table_score(self.predictor.graph_encoder(self.all_graphs[codes[rows]]))
+                pred = self.predictor.prior_score(self.predictor.graph_encoder(self.all_graphs[codes[rows]]))
                 table_loss = F.mse_loss(pred, torch.from_numpy(z[rows]).float())
                 loss = loss + table_loss
                 sums["table_loss"] += table_loss.item()
             if "dataset" in s.terms:
                 use = [(i, t) for i, t in enumerate(batch) if t.standardised is not None]
                 if use:
-                    graphs = self.predictor.graph_encoder(one_hot_graphs([c for _, t in use for c in t.cells]))
+                    cells = [c for _, t in use for c in t.cells]
+                    graphs = self.predictor.graph_encoder(one_hot_graphs(cells))
                     counts = torch.tensor([len(t.cells) for _, t in use])
                     dd = d[[i for i, _ in use]].repeat_interleave(counts, dim=0)
                     # The dataset term learns what the table term (held fixed here) misses.
-                    base = self.predictor.table_score(graphs).detach() if self.table is not None else 0.0
+                    base = 0.0
+                    if self.table is not None:
+                        base = self.predictor.table_score(graphs, torch.tensor([c.code for c in cells])).detach()
                     y = torch.from_numpy(np.concatenate([t.standardised for _, t in use])).float()
                     pred_loss = F.mse_loss(base + self.predictor.dataset_score(dd, graphs), y)
                     loss = loss + pred_loss
@@ -294,7 +300,8 @@ class MetaTrainer:
         table_rho = float("nan")
         if self.table is not None:
             codes, z = self.table["val"]
-            table_rho = spearman(self.predictor.table_score(self.predictor.graph_encoder(self.all_graphs[codes])).numpy(), z)
+            # The prior alone on table cells it never trained on: how it does on unlisted cells
+            table_rho = spearman(self.predictor.prior_score(self.predictor.graph_encoder(self.all_graphs[codes])).numpy(), z)
         best = scores.argmax(1)  # the predictor's first pick for each task
         ops = torch.tensor([Cell.from_code(int(c)).ops for c in best])
         mu, logvar = self.generator.encode(x, mask)
