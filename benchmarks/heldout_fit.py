@@ -109,7 +109,10 @@ def fit_cell(results: list[dict], results_path: Path, name: str, cell: str, args
         "seconds": round(time.perf_counter() - t0, 1), "device": args.device,
     }
     results.append(entry)
-    results_path.write_text(json.dumps(results, indent=1) + "\n")
+    # Re-read before writing: fits of other sets may run at the same time into the same file.
+    on_disk = load_results(results_path)
+    merged = on_disk + [r for r in results if r not in on_disk]
+    results_path.write_text(json.dumps(merged, indent=1) + "\n")
     print(json.dumps(entry), flush=True)
     return entry
 
@@ -150,6 +153,7 @@ def main() -> None:
     ap.add_argument("--panel-only", action="store_true")
     ap.add_argument("--picks-only", action="store_true")
     ap.add_argument("--fit-picks", type=int, default=5, help="how many of the top-5 to fit (the first ones)")
+    ap.add_argument("--cells", nargs="+", default=[], help="fit only these cells (strings or NB201 indices)")
     ap.add_argument("--epochs", type=int, default=EPOCHS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
@@ -162,7 +166,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         lists = {name: subsample_list(name, SETS[name], args.seed, Path(tmp)) for name in args.sets}
         picks: dict[str, list[str]] = {name: [] for name in args.sets}
-        if not args.panel_only:  # the picks of every set first: they are what is being judged
+        if args.cells:
+            from metad2a_cli import Cell
+
+            cells = [str(Cell.from_index(int(c))) if c.isdigit() else str(Cell.parse(c)) for c in args.cells]
+            for name in args.sets:
+                for cell in cells:
+                    fit_cell(results, args.results, name, cell, args, lists[name], tmp)
+        elif not args.panel_only:  # the picks of every set first: they are what is being judged
             for name in args.sets:
                 search = ["search", str((IMAGES / name).resolve()), "--top-k", "5", "--seed", str(args.seed)]
                 if args.weights:
@@ -170,7 +181,7 @@ def main() -> None:
                 picks[name] = [r["cell"] for r in metad2a(*search)["ranking"]]
                 for cell in picks[name][: args.fit_picks]:
                     fit_cell(results, args.results, name, cell, args, lists[name], tmp)
-        if not args.picks_only:
+        if not args.picks_only and not args.cells:
             for name in args.sets:
                 for _, cell in panel_cells():
                     fit_cell(results, args.results, name, cell, args, lists[name], tmp)
