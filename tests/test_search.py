@@ -50,6 +50,15 @@ def test_generated_candidates_are_unique_valid_and_ranked(model):
     assert len({r.cell for r in result.ranking}) == 5
 
 
+def test_sampling_stops_at_its_budget(model, monkeypatch):
+    from metad2a_cli.meta import search
+
+    monkeypatch.setattr(search, "MAX_SAMPLES", search.SAMPLE_BATCH)
+    result = model.search(features(), top_k=5, num_candidates=NUM_CELLS, seed=1)
+    assert result.samples_drawn == search.SAMPLE_BATCH
+    assert 5 <= result.candidates < search.SAMPLE_BATCH  # what one batch held, repeats dropped
+
+
 def test_same_seed_same_ranking_other_seed_other_candidates(model):
     a = model.search(features(), num_candidates=100, seed=3)
     b = model.search(features(), num_candidates=100, seed=3)

@@ -11,7 +11,7 @@ from .common import console, err_console, print_class_notes, print_json
 def search(
     root: Path = typer.Argument(..., help="ROOT/<class>/<images>, or a .csv/.json list of (path, label)."),
     top_k: int = typer.Option(5, "--top-k", "-k", help="How many ranked cells to show."),
-    num_candidates: int = typer.Option(500, "--num-candidates", help="Unique valid cells to generate and rank."),
+    num_candidates: int = typer.Option(500, "--num-candidates", help="Unique cells to generate and rank, at most (sampling stops after 2,000 draws; --exhaustive ranks all 15,625)."),
     exhaustive: bool = typer.Option(False, "--exhaustive", help="Score all 15,625 cells instead of sampling."),
     num_samples: int = typer.Option(20, "--num-samples", "-n", help="Images per class fed to the set encoder."),
     seed: int = typer.Option(0, "--seed", help="Seeds the image sample and the generator."),
