@@ -104,6 +104,25 @@ def test_resume_continues_exactly(tmp_path):
     assert [h["pred_loss"] for h in straight.history] == [h["pred_loss"] for h in resumed.history]
 
 
+def test_resumes_a_run_saved_before_the_table_was_kept(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    db = make_db(tmp_path / "db")
+    s2 = TrainSettings(epochs=2, tasks_per_step=4, num_candidates=20, predictor="table")
+    meta_train(db, tmp_path / "a", s2, sizes=SIZES)
+    s1 = TrainSettings(epochs=1, tasks_per_step=4, num_candidates=20, predictor="table")
+    meta_train(db, tmp_path / "b", s1, sizes=SIZES)
+    state_file = tmp_path / "b/.train/train_state.safetensors"
+    old = {k: v for k, v in load_file(str(state_file)).items() if not k.endswith("table_z")}
+    assert len(old) < len(load_file(str(state_file)))
+    save_file(old, str(state_file))
+    state = json.loads((tmp_path / "b/.train/train_state.json").read_text())
+    state["settings"]["epochs"] = 2
+    (tmp_path / "b/.train/train_state.json").write_text(json.dumps(state))
+    meta_train(db, tmp_path / "b", s2, sizes=SIZES, resume=True)
+    assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()
+
+
 def test_same_seed_same_weights(tmp_path):
     db = make_db(tmp_path / "db")
     s = TrainSettings(epochs=1, tasks_per_step=4, num_candidates=20)

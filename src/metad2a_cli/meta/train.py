@@ -390,7 +390,10 @@ class MetaTrainer:
             raise UserError(f"{folder} holds a run with other settings; resume with the same options")
         tensors = load_file(str(folder / STATE_FILE))
         for name, module in (("generator", self.generator), ("predictor", self.predictor)):
-            module.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
+            state = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            if name == "predictor" and "table_z" in module.state_dict():
+                state.setdefault("table_z", module.table_z)  # runs saved before it: set from the table
+            module.load_state_dict(state)
         for name, opt in (("opt_gen", self.opt_gen), ("opt_pred", self.opt_pred)):
             sd = opt.state_dict()
             state: dict[int, dict] = {}
@@ -403,6 +406,8 @@ class MetaTrainer:
         for name in ("generator", "predictor"):
             prefix = f"best_{name}."
             st = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if name == "predictor" and st and "table_z" in self.predictor.state_dict():
+                st.setdefault("table_z", self.predictor.table_z.clone())
             if st:
                 self.best_states[name] = st
         self.noise.set_state(tensors["rng.noise"])
