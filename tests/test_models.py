@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from metad2a_cli.meta.models import CellGenerator, MetaPredictor, ModelSizes
@@ -97,3 +98,15 @@ def test_predictor_fits_scores():
         loss.backward()
         opt.step()
     assert loss.item() < 0.1 * y.var().item()
+
+
+def test_predictor_weights_without_table_z_load_and_keep_the_buffer():
+    pred = MetaPredictor(SIZES, ("table",))
+    pred.set_table(torch.tensor([3, 7]), torch.tensor([1.5, -0.5]))
+    old = {k: v for k, v in MetaPredictor(SIZES, ("table",)).state_dict().items() if k != "table_z"}
+    assert not pred.load_state_dict(old).missing_keys
+    assert pred.table_z[3] == 1.5 and pred.table_z[7] == -0.5 and torch.isnan(pred.table_z[0])
+    # Anything else missing is still an error.
+    del old["prior.0.weight"]
+    with pytest.raises(RuntimeError, match=r"prior\.0\.weight"):
+        pred.load_state_dict(old)

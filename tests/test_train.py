@@ -185,6 +185,7 @@ def test_resume_refuses_another_database(tmp_path, capsys):
     first, other = make_db(tmp_path / "first"), make_db(tmp_path / "other", seed=1)
     settings = TrainSettings(epochs=1, num_candidates=10)
     meta_train(first, tmp_path / "w", settings, sizes=SIZES)
+    assert json.loads((tmp_path / "w" / "config.json").read_text())["database"]["path"] == "../first"
     before = (tmp_path / "w" / "model.safetensors").read_bytes()
     with pytest.raises(UserError, match=f"{tmp_path / 'w'} was trained on {first}, not {other}; resume with --db {first}"):
         meta_train(other, tmp_path / "w", settings, sizes=SIZES, resume=True)

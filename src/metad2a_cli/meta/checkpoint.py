@@ -50,9 +50,8 @@ def load_models(ckpt: Checkpoint):
     for prefix, module in (("generator.", gen), ("predictor.", pred)):
         state = {k[len(prefix):]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith(prefix)}
         missing, unexpected = module.load_state_dict(state, strict=False)
-        # Checkpoints from before the table term have no prior.*, and from before the table
-        # was kept no table_z (the prior then scores every cell); nothing else may be absent.
-        if unexpected or any(not ((k.startswith("prior.") and "table" not in terms) or k == "table_z") for k in missing):
+        # Checkpoints from before the table term have no prior.*; nothing else may be absent.
+        if unexpected or any(not (k.startswith("prior.") and "table" not in terms) for k in missing):
             raise UserError(f"{ckpt.path}: model tensors do not match this metad2a ({missing or unexpected})")
         module.eval()
     return gen, pred

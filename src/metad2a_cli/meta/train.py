@@ -17,8 +17,10 @@ training measure generalisation each epoch; each network's best epoch is kept.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -391,8 +393,6 @@ class MetaTrainer:
         tensors = load_file(str(folder / STATE_FILE))
         for name, module in (("generator", self.generator), ("predictor", self.predictor)):
             state = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
-            if name == "predictor" and "table_z" in module.state_dict():
-                state.setdefault("table_z", module.table_z)  # runs saved before it: set from the table
             module.load_state_dict(state)
         for name, opt in (("opt_gen", self.opt_gen), ("opt_pred", self.opt_pred)):
             sd = opt.state_dict()
@@ -406,8 +406,6 @@ class MetaTrainer:
         for name in ("generator", "predictor"):
             prefix = f"best_{name}."
             st = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if name == "predictor" and st and "table_z" in self.predictor.state_dict():
-                st.setdefault("table_z", self.predictor.table_z.clone())
             if st:
                 self.best_states[name] = st
         self.noise.set_state(tensors["rng.noise"])
@@ -418,9 +416,12 @@ class MetaTrainer:
         self.best = meta["best"]
 
     def best_models(self) -> tuple[CellGenerator, MetaPredictor]:
-        gen, pred = CellGenerator(self.generator.sizes), MetaPredictor(self.predictor.sizes, self.predictor.terms)
-        gen.load_state_dict(self.best_states.get("generator", self.generator.state_dict()))
-        pred.load_state_dict(self.best_states.get("predictor", self.predictor.state_dict()))
+        # Copies, so that a best state saved before table_z existed keeps the table set now.
+        models = {"generator": copy.deepcopy(self.generator), "predictor": copy.deepcopy(self.predictor)}
+        for name, module in models.items():
+            if name in self.best_states:
+                module.load_state_dict(self.best_states[name])
+        gen, pred = models["generator"], models["predictor"]
         return gen.eval(), pred.eval()
 
 
@@ -504,7 +505,8 @@ def meta_train(
     else:
         check_output_folder(out)
     info = db.info()
-    database = {"path": str(db.path), "name": db.path.name, "id": db.identity(), "tasks": info["tasks_with_records"],
+    # The path is relative to the weights, which travel (a clone's weights/ and databases/ stay together).
+    database = {"path": os.path.relpath(db.path.resolve(), out.resolve()), "name": db.path.name, "id": db.identity(), "tasks": info["tasks_with_records"],
                 "records": info["records"], "schedule": info["schedule"],
                 "table": table.source if table is not None else None, "predictor": settings.predictor}
     ckpt = None
@@ -543,7 +545,8 @@ def _check_same_database(out: Path, db: Database) -> None:
 
     started = load_checkpoint_config(out).get("database", {})
     if started.get("id", db.identity()) != db.identity():
-        raise UserError(f"{out} was trained on {started['path']}, not {db.path}; resume with --db {started['path']}")
+        path = os.path.normpath(out / started["path"])
+        raise UserError(f"{out} was trained on {path}, not {db.path}; resume with --db {path}")
 
 
 def _best_metrics(history: list[dict]) -> dict:

@@ -61,6 +61,13 @@ class MetaPredictor(nn.Module):
     def set_table(self, codes: torch.Tensor, z: torch.Tensor) -> None:
         self.table_z[codes] = z.to(self.table_z.dtype)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # Weights saved before the table was kept have no table_z: the buffer keeps what it
+        # holds (NaN, so the prior scores every cell, or what the trainer set from the table).
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if prefix + "table_z" in missing_keys:
+            missing_keys.remove(prefix + "table_z")
+
     def prior_score(self, graphs: torch.Tensor) -> torch.Tensor:
         """Cell embeddings (B, latent) -> (B,) the learned dataset-independent scores."""
         return self.prior(graphs).squeeze(-1)
