@@ -72,11 +72,15 @@ def ray_runner(address: str = "local", gpus_per_worker: float | None = None, chu
                 for ref in ready:
                     yield _records(ray, ref, pending.pop(ref))
         finally:
-            # On an error or Ctrl-C: stop the units still queued or running on the cluster.
-            for ref in pending:
-                ray.cancel(ref, force=True)
+            # On an error or Ctrl-C, stop the units still queued or running on the cluster. A
+            # driver that leaves takes its tasks with it; force-cancelling them one by one can
+            # crash Ray 2.60's driver when a unit finishes meanwhile (a failed check in
+            # TaskManager::CompletePendingTask), so cancel only when the caller keeps Ray.
             if started:
                 ray.shutdown()
+            else:
+                for ref in pending:
+                    ray.cancel(ref, force=True)
 
     return run
 
