@@ -131,6 +131,22 @@ def test_torn_line_is_ignored(sources, tmp_path):
     assert len(db.records()) == 2
 
 
+def test_build_resumes_in_a_database_that_carries_its_readme_and_table(sources, tmp_path):
+    db_path = tmp_path / "db"
+    assert build(db_path, sources, settings(num_tasks=1, cells_per_task=1), device="cpu") == 1
+    (db_path / "README.md").write_text("what this database is")
+    (db_path / "imagenet16_120.csv").write_text("arch,acc\n")
+    f = db_path / "records-0of1.jsonl"
+    f.write_text("")  # as if the build had been stopped before its record
+    assert build(db_path, sources, settings(num_tasks=1, cells_per_task=1), device="cpu") == 1
+    # In a folder that holds no database they are someone else's files.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "README.md").write_text("not ours")
+    with pytest.raises(UserError, match="other is not empty"):
+        build(other, sources, settings(num_tasks=1, cells_per_task=1))
+
+
 def test_build_writes_only_into_a_new_folder_or_its_own_database(sources, tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -35,6 +35,7 @@ from ..errors import UserError
 from ..nb201.cells import NUM_CELLS, Cell
 from ..training.policies import LEGACY_AUGMENT
 from ..training.schedule import LabelSchedule
+from .table import TABLE_FILE
 
 # 2: labels are shortened fits of the full network (1: a shrunken proxy network's).
 FORMAT_VERSION = 2
@@ -247,8 +248,12 @@ class Database:
     # -- building ------------------------------------------------------------------------------
 
     def check_buildable(self) -> None:
-        """A database is built in a new or empty folder, or in one holding a database."""
-        check_output_folder(self.path, lambda name: name in ("features", TASKS, MANIFEST) or name.startswith("records"))
+        """A database is built in a new or empty folder, or in one holding a database (which
+        may also carry its README and the published table, as databases/nb201 does)."""
+        ours = {"features", TASKS, MANIFEST}
+        if (self.path / MANIFEST).is_file():
+            ours |= {"README.md", TABLE_FILE}
+        check_output_folder(self.path, lambda name: name in ours or name.startswith("records"))
 
     def init(self, manifest: dict, tasks: list[Task]) -> None:
         """Create the folder, or check that it was started with the same settings."""
