@@ -1,0 +1,130 @@
+"""How much of a database's labels is signal: per task, the spread of its records' accuracies
+against the sampling noise of a validation accuracy, and how well the labels transfer to
+what users get (held-out fits), next to the published table.
+
+- Sampling noise: a validation accuracy p measured on n images has standard deviation
+  sqrt(p(1-p)/n) from the choice of images alone (the training seed adds more). A task's
+  reliability is 1 - noise variance / label variance: near 1 the labels rank cells, near or
+  below 0 their order within the task is noise.
+- Transfer: a ridge regression on which operation sits on each edge (30 one-hot features),
+  fitted to the within-task standardised labels of every task, then its Spearman against the
+  held-out fits of `docs/heldout_fits.json` (the fits are only read here, to evaluate);
+  the published ImageNet16-120 table's Spearman against the same fits beside it.
+
+    python benchmarks/label_reliability.py --db databases/nb201 --out docs/label_reliability.json
+
+Reads only files; seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from metad2a_cli.meta.db import Database
+from metad2a_cli.meta.table import TABLE_FILE, load_table
+from metad2a_cli.nb201.cells import NUM_CELLS, OPS, Cell
+
+REPO = Path(__file__).resolve().parents[1]
+MIN_RECORDS = 5  # a task's spread means little with fewer cells
+RIDGE = 10.0
+
+
+def spearman(a, b) -> float:
+    ra, rb = (np.argsort(np.argsort(np.asarray(x, float))) for x in (a, b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def standardise(values) -> np.ndarray:
+    v = np.asarray(values, float)
+    return (v - v.mean()) / (v.std() or 1.0)
+
+
+def edge_ops(cell: str) -> np.ndarray:
+    """(edges * ops,) one-hot of the operation on each edge."""
+    ops = Cell.parse(cell).ops
+    x = np.zeros(len(ops) * len(OPS))
+    x[np.arange(len(ops)) * len(OPS) + np.asarray(ops)] = 1.0
+    return x
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--db", type=Path, default=REPO / "databases/nb201")
+    ap.add_argument("--fits", type=Path, default=REPO / "docs/heldout_fits.json")
+    ap.add_argument("--recipe", default="fit/epochs10/seed0/crop-flip", help="held-out fits whose recipe starts so")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+
+    db = Database(args.db)
+    tasks = {t.id: t for t in db.tasks()}
+    by_task = defaultdict(list)
+    for r in db.records():
+        by_task[r.task].append(r)
+    table = load_table(args.db / TABLE_FILE)
+    published = np.full(NUM_CELLS, np.nan)
+    published[table.codes] = table.accuracy
+
+    rows = []
+    for tid in sorted(t for t, rs in by_task.items() if len(rs) >= MIN_RECORDS):
+        acc = np.array([r.accuracy for r in by_task[tid]]) / 100
+        n_val = sum(len(files) for files in tasks[tid].val)
+        noise, spread = float(np.mean(acc * (1 - acc)) / n_val), float(acc.var(ddof=1))
+        codes = [Cell.parse(r.cell).code for r in by_task[tid]]
+        rows.append({
+            "task": tid, "source": tasks[tid].source, "classes": len(tasks[tid].classes),
+            "train_images": sum(len(f) for f in tasks[tid].train), "val_images": n_val,
+            "records": len(acc), "label_sd": round(100 * spread**0.5, 2), "noise_sd": round(100 * noise**0.5, 2),
+            "reliability": round(1 - noise / spread, 3) if spread else None,
+            "table_spearman": round(spearman(published[codes], acc), 3),
+        })
+    if not rows:
+        raise SystemExit(f"{args.db}: no task has {MIN_RECORDS} records")
+
+    by_source = defaultdict(list)
+    for row in rows:
+        by_source[row["source"]].append(row)
+    sources = {
+        s: {"tasks": len(rs), "median_reliability": statistics.median(r["reliability"] for r in rs),
+            "median_table_spearman": statistics.median(r["table_spearman"] for r in rs)}
+        for s, rs in sorted(by_source.items())
+    }
+
+    # Ridge on edge operations, fitted to every task's standardised labels.
+    x = np.concatenate([[edge_ops(r.cell) for r in by_task[row["task"]]] for row in rows])
+    y = np.concatenate([standardise([r.accuracy for r in by_task[row["task"]]]) for row in rows])
+    w = np.linalg.solve(x.T @ x + RIDGE * np.eye(x.shape[1]), x.T @ y)
+
+    transfer = {}
+    fits = [f for f in json.loads(args.fits.read_text()) if f["recipe"].startswith(args.recipe)]
+    for name in sorted({f["set"] for f in fits}):
+        got = [f for f in fits if f["set"] == name]
+        acc = [f["best_val_acc"] for f in got]
+        transfer[name] = {
+            "cells": len(got), "val_images": got[0]["num_val"],
+            "fits_sd": round(float(np.std(acc, ddof=1)), 2),
+            "noise_sd": round(100 * float(np.mean([a / 100 * (1 - a / 100) for a in acc]) / got[0]["num_val"]) ** 0.5, 2),
+            "labels_ridge_spearman": round(spearman([edge_ops(f["cell"]) @ w for f in got], acc), 3),
+            "table_spearman": round(spearman([published[Cell.parse(f["cell"]).code] for f in got], acc), 3),
+        }
+
+    report = {
+        "database": str(args.db.relative_to(REPO) if args.db.resolve().is_relative_to(REPO) else args.db),
+        "records": sum(r["records"] for r in rows), "tasks": len(rows),
+        "median_reliability": statistics.median(r["reliability"] for r in rows),
+        "median_table_spearman": statistics.median(r["table_spearman"] for r in rows),
+        "by_source": sources, "heldout_transfer": transfer, "tasks_detail": rows,
+    }
+    text = json.dumps(report, indent=1)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "tasks_detail"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
