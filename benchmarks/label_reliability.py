@@ -28,16 +28,12 @@ import numpy as np
 
 from metad2a_cli.meta.db import Database
 from metad2a_cli.meta.table import TABLE_FILE, load_table
+from metad2a_cli.meta.train import spearman
 from metad2a_cli.nb201.cells import NUM_CELLS, OPS, Cell
 
 REPO = Path(__file__).resolve().parents[1]
 MIN_RECORDS = 5  # a task's spread means little with fewer cells
 RIDGE = 10.0
-
-
-def spearman(a, b) -> float:
-    ra, rb = (np.argsort(np.argsort(np.asarray(x, float))) for x in (a, b))
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def standardise(values) -> np.ndarray:
@@ -61,12 +57,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
-    db = Database(args.db)
+    db_dir = args.db.resolve()
+    db = Database(db_dir)
     tasks = {t.id: t for t in db.tasks()}
     by_task = defaultdict(list)
     for r in db.records():
         by_task[r.task].append(r)
-    table = load_table(args.db / TABLE_FILE)
+    table = load_table(db_dir / TABLE_FILE)
     published = np.full(NUM_CELLS, np.nan)
     published[table.codes] = table.accuracy
 
@@ -84,7 +81,7 @@ def main() -> None:
             "table_spearman": round(spearman(published[codes], acc), 3),
         })
     if not rows:
-        raise SystemExit(f"{args.db}: no task has {MIN_RECORDS} records")
+        raise SystemExit(f"{db_dir}: no task has {MIN_RECORDS} records")
 
     by_source = defaultdict(list)
     for row in rows:
@@ -114,7 +111,7 @@ def main() -> None:
         }
 
     report = {
-        "database": str(args.db.relative_to(REPO) if args.db.resolve().is_relative_to(REPO) else args.db),
+        "database": str(db_dir.relative_to(REPO) if db_dir.is_relative_to(REPO) else db_dir),
         "records": sum(r["records"] for r in rows), "tasks": len(rows),
         "median_reliability": statistics.median(r["reliability"] for r in rows),
         "median_table_spearman": statistics.median(r["table_spearman"] for r in rows),

@@ -417,11 +417,10 @@ class MetaTrainer:
 
     def best_models(self) -> tuple[CellGenerator, MetaPredictor]:
         # Copies, so that a best state saved before table_z existed keeps the table set now.
-        models = {"generator": copy.deepcopy(self.generator), "predictor": copy.deepcopy(self.predictor)}
-        for name, module in models.items():
+        gen, pred = copy.deepcopy(self.generator), copy.deepcopy(self.predictor)
+        for name, module in (("generator", gen), ("predictor", pred)):
             if name in self.best_states:
                 module.load_state_dict(self.best_states[name])
-        gen, pred = models["generator"], models["predictor"]
         return gen.eval(), pred.eval()
 
 
@@ -506,8 +505,8 @@ def meta_train(
         check_output_folder(out)
     info = db.info()
     # The path is relative to the weights, which travel (a clone's weights/ and databases/ stay together).
-    database = {"path": os.path.relpath(db.path.resolve(), out.resolve()), "name": db.path.name, "id": db.identity(), "tasks": info["tasks_with_records"],
-                "records": info["records"], "schedule": info["schedule"],
+    database = {"path": os.path.relpath(db.path.resolve(), out.resolve()), "name": db.path.name, "id": db.identity(),
+                "tasks": info["tasks_with_records"], "records": info["records"], "schedule": info["schedule"],
                 "table": table.source if table is not None else None, "predictor": settings.predictor}
     ckpt = None
     while trainer.epoch < settings.epochs:
