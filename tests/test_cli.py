@@ -164,3 +164,9 @@ def test_an_os_error_on_a_path_is_one_line(args, capsys, monkeypatch, tmp_path):
     assert run(args) == 2
     last = capsys.readouterr().err.splitlines()[-1]
     assert last.startswith("error: ") and ("File name too long" in last or "/some/file: Input/output error" in last)
+
+
+def test_help_keeps_bracketed_install_extras(capsys):
+    # Rich markup would swallow an unescaped "[ray]" and tell users to install the wrong thing.
+    assert run(["db", "build", "--help"]) == 0
+    assert "metad2a[ray]" in "".join(capsys.readouterr().out.split())

@@ -44,7 +44,7 @@ def build(
     ray: str | None = typer.Option(
         None, "--ray", metavar="[ADDRESS]",
         help="Label on Ray: alone (or 'local') on a Ray instance started on this machine; auto, "
-        "host:6379 or ray://host:10001 on a running cluster. Needs pip install 'metad2a[ray]'.",
+        "host:6379 or ray://host:10001 on a running cluster. Needs pip install 'metad2a\\[ray]'.",
     ),
     ray_gpus_per_worker: float | None = typer.Option(
         None, "--ray-gpus-per-worker",
