@@ -5,9 +5,11 @@ the folder `benchmarks/gpu_pack.py` writes), in one run on one machine:
 
 - the proxy that labelled format-1 databases (C=8, N=1, 16 px, 3 epochs, batch 64), whose
   code the pack carries from this repository's history;
-- `training.labels` (the full network, fit's recipe) with eager steps and, on a GPU, with
-  the training step in a CUDA graph, for a few numbers of cells trained together; the
-  graph's labels are compared with the eager ones.
+- `training.labels` (the full network, fit's recipe) for a few numbers of cells trained
+  together: as one grouped-convolution ensemble with eager steps and, on a GPU, with the
+  training step in a CUDA graph; and apart, each cell its own network taking turns a step
+  at a time (on a GPU each on its own stream, its step in a CUDA graph). Every variant's
+  labels are compared with the eager ensemble's.
 
 Training FLOP/s counts 6 x the forward multiply-adds of every image seen (NB201's FLOPs).
 
@@ -95,24 +97,34 @@ def old_proxy_speed(pack: Path, cells, train, val, device, results) -> None:
 def new_speed(cells, train, val, device, results, sizes, epochs, save) -> None:
     schedule = LabelSchedule(epochs=epochs)
     entries = results["speed"]["labels"]
+    # (ensemble, cuda_graph); the eager ensemble first: the others are checked against it
+    variants = [(True, False), (True, True), (False, True)] if device.type == "cuda" else [(True, False), (False, False)]
     for k in sizes:
         group = cells[:k]
-        for graph in ([False, True] if device.type == "cuda" else [False]):
-            labels, seconds = timed(lambda: label_cells(group, train, val, schedule, 0, device, cuda_graph=graph), device)
+        for ensemble, graph in variants:
+            try:
+                labels, seconds = timed(lambda: label_cells(group, train, val, schedule, 0, device, cuda_graph=graph,
+                                                            ensemble=ensemble), device)
+            except Exception as err:  # a variant that fails is reported, not fatal
+                entries.append({"cells": k, "ensemble": ensemble, "cuda_graph": graph, "error": repr(err)})
+                save()
+                log(f"labels, {k} cells, ensemble={ensemble}, graph={graph}: failed: {err!r}")
+                continue
             flops = training_flops(group, 10, len(train) * epochs, schedule)
-            entry = {"cells": k, "cuda_graph": graph, "epochs": epochs, "seconds": seconds,
+            entry = {"cells": k, "ensemble": ensemble, "cuda_graph": graph, "epochs": epochs, "seconds": seconds,
                      "seconds_per_record": seconds / k, "records_per_minute_at_20_epochs": 60 * k / seconds * epochs / 20,
                      "training_tflops": flops / seconds / 1e12, "curves": [lab.curve for lab in labels]}
             entries.append(entry)
             save()
             log("labels:", {key: v for key, v in entry.items() if key != "curves"})
-    eager = {e["cells"]: e for e in entries if not e["cuda_graph"]}
+    eager = {e["cells"]: e for e in entries if e["ensemble"] and not e["cuda_graph"] and "curves" in e}
     for e in entries:
-        if e["cuda_graph"] and e["cells"] in eager:
+        if "curves" in e and e["cells"] in eager and e is not eager[e["cells"]]:
             diff = np.abs(np.array(e["curves"]) - np.array(eager[e["cells"]]["curves"]))
             e["max_abs_diff_vs_eager"] = float(diff.max())
             save()
-            log(f"graph vs eager, {e['cells']} cells: largest accuracy difference {diff.max():.2f} points")
+            log(f"ensemble={e['ensemble']}, graph={e['cuda_graph']} vs the eager ensemble, {e['cells']} cells: "
+                f"largest accuracy difference {diff.max():.2f} points")
 
 
 def run(pack: Path, device: torch.device, results: dict, sizes, epochs: int, save, smoke: bool = False,

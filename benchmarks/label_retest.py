@@ -53,6 +53,8 @@ def summarise(db: Database, retest: list[dict]) -> list[dict]:
         n_val = sum(len(f) for f in tasks[tid].val)
         p = np.concatenate([a, b]) / 100
         noise = float(np.mean(p * (1 - p)) / n_val)
+        spread = float(np.var(p, ddof=1))
+        diff_sd = float(np.std(a - b, ddof=1)) if len(pairs) > 1 else 0.0
         epochs = min(min(len(p.curve) for p, _ in pairs), min(len(q["curve"]) for _, q in pairs))
         rows.append({
             "task": tid, "source": tasks[tid].source, "classes": len(tasks[tid].classes),
@@ -62,8 +64,10 @@ def summarise(db: Database, retest: list[dict]) -> list[dict]:
             "median_abs_diff": round(float(np.median(np.abs(a - b))), 2),
             "label_sd": round(float(np.std(np.concatenate([a, b]), ddof=1)), 2),
             "sampling_noise_sd": round(100 * noise**0.5, 2),
-            # Two runs' labels differ by sqrt(2) times one run's noise: what is left is the seed's.
-            "run_diff_sd": round(float(np.std(a - b, ddof=1)) if len(pairs) > 1 else 0.0, 2),
+            # Two runs' labels differ by sqrt(2) times one run's noise (sampling and seed together).
+            "run_diff_sd": round(diff_sd, 2),
+            "sampling_reliability": round(1 - noise / spread, 3),
+            "retest_reliability": round(1 - diff_sd**2 / 2 / (100**2 * spread), 3),
             "retest_spearman_by_epoch": [
                 round(spearman([p.curve[e] for p, _ in pairs], [q["curve"][e] for _, q in pairs]), 3)
                 for e in range(epochs)
@@ -82,6 +86,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=REPO / "docs/label_retest.json")
     ap.add_argument("--report-only", action="store_true", help="summarise what --out holds, label nothing")
+    ap.add_argument("--print-only", action="store_true", help="print the summary, write nothing")
     args = ap.parse_args()
 
     import torch
@@ -115,7 +120,7 @@ def main() -> None:
         with atomic_paths(args.out) as [tmp]:
             tmp.write_text(json.dumps(report, indent=1) + "\n")
 
-    if not args.report_only:
+    if not (args.report_only or args.print_only):
         for tid in args.tasks:
             task = tasks[tid]
             todo = [c for c in labelled[tid] if (tid, c) not in done]
@@ -135,7 +140,8 @@ def main() -> None:
                 })
                 save()
                 print(f"{tid} {cell} {label.accuracy:.2f} ({retest[-1]['seconds']} s)", flush=True)
-    save()
+    if not args.print_only:
+        save()
     for row in summarise(db, retest):
         print({k: v for k, v in row.items() if k != "retest_spearman_by_epoch"})
 

@@ -94,3 +94,15 @@ def test_out_of_memory_splits_the_cells_not_the_batch(task, monkeypatch):
     assert split == alone
     assert {3, 2, 1} <= set(together)
     assert np.all([label.accuracy >= 0 for label in split])
+
+
+def test_cells_trained_apart_in_turns_get_the_labels_they_get_alone(task):
+    _, train, val = task
+    cpu = torch.device("cpu")
+    apart = label_cells(CELLS, train, val, SCHEDULE, seed=1, device=cpu, ensemble=False)
+    alone = [label_cells([c], train, val, SCHEDULE, seed=1, device=cpu, ensemble=False)[0] for c in CELLS]
+    assert apart == alone  # taking turns step by step changes no network's run
+    together = label_cells(CELLS, train, val, SCHEDULE, seed=1, device=cpu)
+    for a, t in zip(apart, together):
+        assert a.curve == pytest.approx(t.curve, abs=100.0 / len(val) + 1e-9)  # the same fit, one image at most
+    assert len({label.accuracy for label in apart}) > 1  # the cells did not all collapse to one label

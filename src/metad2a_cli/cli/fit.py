@@ -183,7 +183,10 @@ def _chosen_cell(arch: str | None, run: str | None, rank: int) -> tuple[str, dic
 
 
 class ProgressReporter:
-    """Draws a fit's progress on stderr; a ``trainer.Reporter`` whose stop flag Ctrl-C sets."""
+    """Draws a fit's progress on stderr; a ``trainer.Reporter`` whose stop flag Ctrl-C sets
+    (duck-typed: importing the trainer here would load torch for every ``--help``)."""
+
+    wants_steps = True
 
     def __init__(self):
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn

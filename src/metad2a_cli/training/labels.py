@@ -33,6 +33,8 @@ class _BatchChanged(Exception):
 
 
 class _Strict(Reporter):
+    wants_steps = False
+
     def note(self, message: str) -> None:
         raise _BatchChanged(message)
 
@@ -45,12 +47,18 @@ def label_cells(
     seed: int,
     device: torch.device,
     cuda_graph: bool = True,
+    ensemble: bool = True,
 ) -> list[CellLabel]:
     """Train every cell's network on ``train`` (uint8 images at the schedule's size) and
     return each one's label. Out of GPU memory, the cells are split into two halves
-    rather than the batch shrunk, so a label never depends on how many trained with it."""
+    rather than the batch shrunk, so a label never depends on how many trained with it.
+
+    ``ensemble``: the cells train as one ``CellEnsemble`` (grouped convolutions); else each
+    as its own network, the networks taking turns a step at a time, each on its own CUDA
+    stream so that their small kernels can overlap. Either way a label is the same fit."""
+    label = _label_together if ensemble else _label_apart
     try:
-        return _label_together(cells, train, val, schedule, seed, device, cuda_graph)
+        return _finish(label(cells, train, val, schedule, seed, device, cuda_graph))
     except (_BatchChanged, torch.cuda.OutOfMemoryError):
         if len(cells) == 1:
             raise
@@ -58,12 +66,22 @@ def label_cells(
             torch.cuda.empty_cache()
         half = len(cells) // 2
         return [
-            *label_cells(cells[:half], train, val, schedule, seed, device, cuda_graph),
-            *label_cells(cells[half:], train, val, schedule, seed, device, cuda_graph),
+            *label_cells(cells[:half], train, val, schedule, seed, device, cuda_graph, ensemble),
+            *label_cells(cells[half:], train, val, schedule, seed, device, cuda_graph, ensemble),
         ]
 
 
-def _label_together(cells, train, val, schedule, seed, device, cuda_graph) -> list[CellLabel]:
+def _finish(curves: list[list[float]]) -> list[CellLabel]:
+    """Labels from the validation curves, (epochs, cells)."""
+    labels = []
+    for k in range(len(curves[0]) if curves else 0):
+        curve = [epoch[k] for epoch in curves]
+        best = max(range(len(curve)), key=lambda e: (curve[e], -e))  # the earliest best, as fit keeps it
+        labels.append(CellLabel(curve[best], best + 1, curve))
+    return labels
+
+
+def _label_together(cells, train, val, schedule, seed, device, cuda_graph) -> list[list[float]]:
     classes = [str(c) for c in range(int(max(train.labels.max(), val.labels.max())) + 1)]
     mean, std = channel_stats(train.images)
     settings = [schedule.fit_settings(c, seed) for c in cells]
@@ -78,9 +96,42 @@ def _label_together(cells, train, val, schedule, seed, device, cuda_graph) -> li
         evaluations = trainer.evaluate_members()
         trainer.close_epoch(evaluations[0])
         curves.append([ev.accuracy for ev in evaluations])
-    labels = []
-    for k in range(len(cells)):
-        curve = [epoch[k] for epoch in curves]
-        best = max(range(len(curve)), key=lambda e: (curve[e], -e))  # the earliest best, as fit keeps it
-        labels.append(CellLabel(curve[best], best + 1, curve))
-    return labels
+    return curves
+
+
+def _label_apart(cells, train, val, schedule, seed, device, cuda_graph) -> list[list[float]]:
+    classes = [str(c) for c in range(int(max(train.labels.max(), val.labels.max())) + 1)]
+    mean, std = channel_stats(train.images)
+    trainers = []
+    for cell in cells:
+        settings = schedule.fit_settings(cell, seed)
+        network = new_network(cell, settings.network_config(len(classes)), mean, std, seed)
+        state = FitState(batch_size=default_batch_size(len(train)))
+        trainers.append(Trainer(settings, network, classes, train, val, state, device, _Strict(), cuda_graph=cuda_graph))
+    if device.type == "cuda":
+        streams = [torch.cuda.Stream(device) for _ in trainers]
+        for stream in streams:
+            stream.wait_stream(torch.cuda.current_stream(device))  # the images copied in above
+    else:
+        streams = [None] * len(trainers)  # torch.cuda.stream(None) changes nothing
+    curves: list[list[float]] = []
+    while not trainers[0].state.completed:
+        running = [(t.epoch_steps(), s) for t, s in zip(trainers, streams)]
+        while running:  # one step of each network in turn, so every stream has work queued
+            still = []
+            for steps, stream in running:
+                with torch.cuda.stream(stream):
+                    try:
+                        next(steps)
+                        still.append((steps, stream))
+                    except StopIteration:
+                        pass
+            running = still
+        epoch = []
+        for trainer, stream in zip(trainers, streams):
+            with torch.cuda.stream(stream):
+                evaluation = trainer.evaluate()
+                trainer.close_epoch(evaluation)
+            epoch.append(evaluation.accuracy)
+        curves.append(epoch)
+    return curves

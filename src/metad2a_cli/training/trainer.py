@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -142,6 +143,9 @@ class Reporter:
     """What a fit tells its caller; the CLI draws progress, tests can stop a run."""
 
     def start(self, info: dict) -> None: ...
+
+    # Reading the running loss for ``step`` is a host sync; a caller that shows nothing says so.
+    wants_steps = True
 
     def step(self, epoch: int, seen: int, num_train: int, loss: float | None) -> None: ...
 
@@ -326,6 +330,16 @@ class Trainer:
 
     def run_epoch(self) -> bool:
         """Train from the saved position to the end of the epoch; False when asked to stop."""
+        steps = self.epoch_steps()
+        while True:
+            try:
+                next(steps)
+            except StopIteration as end:
+                return end.value
+
+    def epoch_steps(self) -> Iterator[None]:
+        """``run_epoch`` a step at a time: yields after each step is queued, and returns its
+        result. Several trainers can so take turns, each on its own CUDA stream."""
         st, n = self.state, self.num_train
         plan = EpochPlan.draw(self.settings.seed, st.epoch, n, self.policy, self.device)
         self.model.train()
@@ -361,8 +375,9 @@ class Trainer:
             correct_acc += correct
             st.running.count += stop - st.seen
             st.seen = stop
+            yield
             now = time.perf_counter()
-            if now - last_report > 0.25 or st.seen == n:
+            if self.reporter.wants_steps and (now - last_report > 0.25 or st.seen == n):
                 last_report = now
                 # The only host sync of a step, and only a few times a second.
                 shown = (st.running.loss_sum + float(loss_acc)) / max(1, st.running.count)
