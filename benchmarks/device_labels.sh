@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One lent GPU session's worth of databases/nb201 labels, ready to run.
+#
+# Here, on the CPU, first:
+#   python benchmarks/gpu_pack.py --budget-mb 40        # .gpu/: only tasks that still lack records
+#   PYTHONPATH=src python benchmarks/gpu_labels.py --smoke --device cpu --out /tmp/smoke   # the script works
+# The tracked tree and .gpu must fit what the device tool carries: if they do not, untrack
+# databases/ for the run (git rm -r --cached databases; /databases/ in .git/info/exclude)
+# and restore it after (git reset -q databases; drop the exclude line).
+# On the device machine (device tool, carry [".gpu"], timeout_s 600):
+#   bash benchmarks/device_labels.sh
+# Back here, with the run's files:
+#   python benchmarks/gpu_import.py databases/nb201 FILES_AT
+#
+# The speed phase (at most a quarter of the deadline; 10 cells, the size of a task) times the ensemble and the cells-apart
+# variants and labels with the fastest that agrees with the eager ensemble; the epochs are
+# the database's own (10), so the records can be imported: without --epochs the script
+# calibrates a budget on CIFAR-10 cells, and records at another budget are refused.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?the device tool sets OUT}"
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
+PYTHONPATH=src python3 benchmarks/gpu_labels.py --pack .gpu --out "$OUT" \
+    --deadline "${DEADLINE:-480}" --epochs 10 --speed-cells 10 --no-old-proxy
