@@ -22,6 +22,8 @@ import json
 import statistics
 import time
 from collections import defaultdict
+from dataclasses import dataclass, replace
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,8 @@ from metad2a_cli.meta.db import BuildSettings, Database, device_name, load_task_
 from metad2a_cli.meta.train import spearman
 from metad2a_cli.nb201.cells import Cell
 from metad2a_cli.training.labels import label_cells
+from metad2a_cli.training.schedule import LabelSchedule
+from metad2a_cli.training.trainer import FitSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,41 +43,70 @@ def load(path: Path) -> list[dict]:
     return json.loads(path.read_text())["labels"] if path.exists() else []
 
 
-def summarise(db: Database, retest: list[dict]) -> list[dict]:
-    tasks = {t.id: t for t in db.tasks()}
-    first = {(r.task, r.cell): r for r in db.records()}
-    by_task = defaultdict(list)
+@dataclass(frozen=True)
+class RateSchedule(LabelSchedule):
+    """The database's schedule at another peak learning rate (an experiment, not a format)."""
+
+    lr: float = FitSettings.lr
+
+    def fit_settings(self, cell: Cell, seed: int) -> FitSettings:
+        return replace(super().fit_settings(cell, seed), lr=self.lr)
+
+
+def runs_by_rate(db: Database, seed: int, retest: list[dict]) -> dict:
+    """{lr: {seed: {(task, cell): label}}}, the database's records as its own seed's run."""
+    runs: dict = defaultdict(lambda: defaultdict(dict))
+    for r in db.records():
+        runs[FitSettings.lr][seed][r.task, r.cell] = {"accuracy": r.accuracy, "curve": r.curve, "device": r.device}
     for r in retest:
-        if (r["task"], r["cell"]) in first:
-            by_task[r["task"]].append((first[r["task"], r["cell"]], r))
+        runs[r.get("lr", FitSettings.lr)][r["seed"]][r["task"], r["cell"]] = r
+    return runs
+
+
+def summarise(db: Database, seed: int, retest: list[dict]) -> list[dict]:
+    """Per task, learning rate and pair of seeds, the cells both runs labelled."""
+    tasks = {t.id: t for t in db.tasks()}
     rows = []
-    for tid, pairs in sorted(by_task.items()):
-        a = np.array([p.accuracy for p, _ in pairs])
-        b = np.array([q["accuracy"] for _, q in pairs])
-        n_val = sum(len(f) for f in tasks[tid].val)
-        p = np.concatenate([a, b]) / 100
-        noise = float(np.mean(p * (1 - p)) / n_val)
-        spread = float(np.var(p, ddof=1))
-        diff_sd = float(np.std(a - b, ddof=1)) if len(pairs) > 1 else 0.0
-        epochs = min(min(len(p.curve) for p, _ in pairs), min(len(q["curve"]) for _, q in pairs))
-        rows.append({
-            "task": tid, "source": tasks[tid].source, "classes": len(tasks[tid].classes),
-            "train_images": sum(len(f) for f in tasks[tid].train), "val_images": n_val,
-            "cells": len(pairs), "devices": sorted({p.device for p, _ in pairs} | {q["device"] for _, q in pairs}),
-            "retest_spearman": round(spearman(a, b), 3) if len(pairs) > 2 else None,
-            "median_abs_diff": round(float(np.median(np.abs(a - b))), 2),
-            "label_sd": round(float(np.std(np.concatenate([a, b]), ddof=1)), 2),
-            "sampling_noise_sd": round(100 * noise**0.5, 2),
-            # Two runs' labels differ by sqrt(2) times one run's noise (sampling and seed together).
-            "run_diff_sd": round(diff_sd, 2),
-            "sampling_reliability": round(1 - noise / spread, 3),
-            "retest_reliability": round(1 - diff_sd**2 / 2 / (100**2 * spread), 3),
-            "retest_spearman_by_epoch": [
-                round(spearman([p.curve[e] for p, _ in pairs], [q["curve"][e] for _, q in pairs]), 3)
-                for e in range(epochs)
-            ] if len(pairs) > 2 else [],
-        })
+    for lr, by_seed in sorted(runs_by_rate(db, seed, retest).items()):
+        seeds = sorted(by_seed)
+        for tid in sorted({k[0] for s in seeds for k in by_seed[s]}):
+            for s1, s2 in combinations(seeds, 2):
+                one, two = by_seed[s1], by_seed[s2]
+                pairs = [(one[k], two[k]) for k in one if k[0] == tid and k in two]
+                if len(pairs) >= 3:
+                    rows.append(compare(tasks[tid], lr, [s1, s2], pairs))
     return rows
+
+
+def compare(task, lr: float, seeds: list[int], pairs: list[tuple[dict, dict]]) -> dict:
+    a = np.array([p["accuracy"] for p, _ in pairs])
+    b = np.array([q["accuracy"] for _, q in pairs])
+    n_val = sum(len(f) for f in task.val)
+    p = np.concatenate([a, b]) / 100
+    noise, spread = float(np.mean(p * (1 - p)) / n_val), float(np.var(p, ddof=1))
+    diff_sd = float(np.std(a - b, ddof=1))
+    chance = 100.0 / len(task.classes)
+    epochs = min(len(x["curve"]) for pair in pairs for x in pair)
+    return {
+        "task": task.id, "source": task.source, "classes": len(task.classes), "lr": lr, "seeds": seeds,
+        "train_images": sum(len(f) for f in task.train), "val_images": n_val,
+        "cells": len(pairs), "devices": sorted({x["device"] for pair in pairs for x in pair}),
+        "retest_spearman": round(spearman(a, b), 3),
+        "mean_accuracy": round(float(p.mean() * 100), 2),
+        # a run that never got far from chance: the fit failed, whatever the cell
+        "failed_runs": int(np.sum(np.concatenate([a, b]) < 1.5 * chance)),
+        "median_abs_diff": round(float(np.median(np.abs(a - b))), 2),
+        "label_sd": round(100 * spread**0.5, 2),
+        "sampling_noise_sd": round(100 * noise**0.5, 2),
+        # Two runs' labels differ by sqrt(2) times one run's noise (sampling and seed together).
+        "run_diff_sd": round(diff_sd, 2),
+        "sampling_reliability": round(1 - noise / spread, 3),
+        "retest_reliability": round(1 - diff_sd**2 / 2 / (100**2 * spread), 3),
+        "retest_spearman_by_epoch": [
+            round(spearman([p["curve"][e] for p, _ in pairs], [q["curve"][e] for _, q in pairs]), 3)
+            for e in range(epochs)
+        ],
+    }
 
 
 def main() -> None:
@@ -83,6 +116,7 @@ def main() -> None:
                     help="folder holding the database's sources by name")
     ap.add_argument("--tasks", nargs="+", required=True, help="task ids, labelled in this order")
     ap.add_argument("--seed", type=int, default=1, help="build seed of the retest run (the database's is in its manifest)")
+    ap.add_argument("--lr", type=float, default=FitSettings.lr, help="peak learning rate of the retest run (fit's by default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=REPO / "docs/label_retest.json")
     ap.add_argument("--report-only", action="store_true", help="summarise what --out holds, label nothing")
@@ -93,8 +127,9 @@ def main() -> None:
 
     db = Database(args.db.resolve())
     settings = BuildSettings.from_dict(db.manifest["settings"])
-    if args.seed == settings.seed:
+    if args.seed == settings.seed and args.lr == FitSettings.lr:
         raise SystemExit(f"--seed {args.seed} is the database's own; a retest needs another")
+    schedule = RateSchedule(**settings.schedule.to_dict(), lr=args.lr)
     tasks = {t.id: t for t in db.tasks()}
     labelled = defaultdict(list)
     for r in db.records():
@@ -104,16 +139,22 @@ def main() -> None:
         raise SystemExit(f"no such task in {args.db}: {', '.join(missing)}")
 
     retest = load(args.out)
-    done = {(r["task"], r["cell"]) for r in retest if r["seed"] == args.seed}
+    done = {(r["task"], r["cell"]) for r in retest if r["seed"] == args.seed and r.get("lr", FitSettings.lr) == args.lr}
     dev, name = torch.device(args.device), device_name(args.device)
 
     def save() -> None:
-        rows = summarise(db, retest)
-        spearmans = [r["retest_spearman"] for r in rows if r["retest_spearman"] is not None]
+        rows = summarise(db, settings.seed, retest)
+        by_lr = defaultdict(list)
+        for r in rows:
+            by_lr[r["lr"]].append(r)
         report = {
             "database": str(db.path.relative_to(REPO) if db.path.is_relative_to(REPO) else db.path),
             "schedule": settings.schedule.to_dict(),
-            "median_retest_spearman": statistics.median(spearmans) if spearmans else None,
+            "by_lr": {str(lr): {"pairs": len(rs),
+                                "median_retest_spearman": statistics.median(r["retest_spearman"] for r in rs),
+                                "median_retest_reliability": statistics.median(r["retest_reliability"] for r in rs),
+                                "mean_accuracy": round(statistics.mean(r["mean_accuracy"] for r in rs), 2)}
+                      for lr, rs in sorted(by_lr.items())},
             "tasks": rows, "labels": retest,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -131,18 +172,18 @@ def main() -> None:
             train, val = load_task_images(root, task.train, size), load_task_images(root, task.val, size)
             for cell in todo:
                 t0 = time.perf_counter()
-                [label] = label_cells([Cell.parse(cell)], train, val, settings.schedule,
+                [label] = label_cells([Cell.parse(cell)], train, val, schedule,
                                       task_seed(args.seed, tid), dev)
                 retest.append({
-                    "task": tid, "cell": cell, "seed": args.seed, "accuracy": round(label.accuracy, 4),
+                    "task": tid, "cell": cell, "seed": args.seed, "lr": args.lr, "accuracy": round(label.accuracy, 4),
                     "curve": [round(a, 4) for a in label.curve], "seconds": round(time.perf_counter() - t0, 1),
                     "device": name,
                 })
                 save()
-                print(f"{tid} {cell} {label.accuracy:.2f} ({retest[-1]['seconds']} s)", flush=True)
+                print(f"{tid} lr {args.lr} seed {args.seed} {cell} {label.accuracy:.2f} ({retest[-1]['seconds']} s)", flush=True)
     if not args.print_only:
         save()
-    for row in summarise(db, retest):
+    for row in summarise(db, settings.seed, retest):
         print({k: v for k, v in row.items() if k != "retest_spearman_by_epoch"})
 
 
