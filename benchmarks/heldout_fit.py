@@ -45,6 +45,7 @@ EPOCHS = 10
 # result of the file is the same recipe (fit's default is now no augmentation).
 AUGMENT = "crop-flip"
 PANEL_RANDOM = 20
+LR = 0.1  # fit's default peak learning rate
 PANEL_SEED = 2026
 
 
@@ -85,8 +86,9 @@ def panel_cells() -> list[tuple[str, str]]:
     return chosen
 
 
-def recipe_key(epochs: int, seed: int, per_class: int) -> str:
-    return f"fit/epochs{epochs}/seed{seed}/{AUGMENT}/{per_class}-per-class"
+def recipe_key(epochs: int, seed: int, per_class: int, lr: float = LR) -> str:
+    rate = "" if lr == LR else f"/lr{lr:g}"  # fit's rate is left out, as the keys always had it
+    return f"fit/epochs{epochs}/seed{seed}/{AUGMENT}{rate}/{per_class}-per-class"
 
 
 def load_results(path: Path) -> list[dict]:
@@ -94,14 +96,14 @@ def load_results(path: Path) -> list[dict]:
 
 
 def fit_cell(results: list[dict], results_path: Path, name: str, cell: str, args, listing: Path, tmp: str) -> dict:
-    key = recipe_key(args.epochs, args.seed, SETS[name])
+    key = recipe_key(args.epochs, args.seed, SETS[name], args.lr)
     for r in results:
         if r["set"] == name and r["cell"] == cell and r["recipe"] == key:
             return r
     t0 = time.perf_counter()
     summary = metad2a(
         "fit", str(listing), "--arch", cell, "--epochs", str(args.epochs), "--seed", str(args.seed), "--augment", AUGMENT,
-        "--device", args.device, "-o", f"{tmp}/{name}-{len(results)}",
+        "--lr", str(args.lr), "--device", args.device, "-o", f"{tmp}/{name}-{len(results)}",
     )
     entry = {
         "set": name, "cell": cell, "recipe": key, "best_val_acc": summary["best_val_acc"],
@@ -156,6 +158,7 @@ def main() -> None:
     ap.add_argument("--cells", nargs="+", default=[], help="fit only these cells (strings or NB201 indices)")
     ap.add_argument("--epochs", type=int, default=EPOCHS)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=LR, help="peak learning rate of every fit")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--results", type=Path, default=REPO / "docs" / "heldout_fits.json")
     ap.add_argument("--report", type=Path, default=None)
@@ -186,7 +189,7 @@ def main() -> None:
                 for _, cell in panel_cells():
                     fit_cell(results, args.results, name, cell, args, lists[name], tmp)
         for name in args.sets:
-            reports.append(report(results, name, picks[name], recipe_key(args.epochs, args.seed, SETS[name])))
+            reports.append(report(results, name, picks[name], recipe_key(args.epochs, args.seed, SETS[name], args.lr)))
             print(json.dumps(reports[-1], indent=1), flush=True)
     if args.report:
         args.report.write_text(json.dumps({"weights": args.weights or "packaged", "sets": reports}, indent=1) + "\n")

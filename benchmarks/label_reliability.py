@@ -53,7 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--db", type=Path, default=REPO / "databases/nb201")
     ap.add_argument("--fits", type=Path, default=REPO / "docs/heldout_fits.json")
-    ap.add_argument("--recipe", default="fit/epochs10/seed0/crop-flip", help="held-out fits whose recipe starts so")
+    ap.add_argument("--recipe", default="fit/epochs10/seed0/crop-flip", help="held-out fits of this recipe (their key less the subsample size)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -98,7 +98,8 @@ def main() -> None:
     w = np.linalg.solve(x.T @ x + RIDGE * np.eye(x.shape[1]), x.T @ y)
 
     transfer = {}
-    fits = [f for f in json.loads(args.fits.read_text()) if f["recipe"].startswith(args.recipe)]
+    # the recipe and then only the subsample size: a key with more (another rate) is another recipe
+    fits = [f for f in json.loads(args.fits.read_text()) if f["recipe"].rsplit("/", 1)[0] == args.recipe]
     for name in sorted({f["set"] for f in fits}):
         got = [f for f in fits if f["set"] == name]
         acc = [f["best_val_acc"] for f in got]
