@@ -78,6 +78,23 @@ def summarise(db: Database, seed: int, retest: list[dict]) -> list[dict]:
     return rows
 
 
+def rates_compared(db: Database, seed: int, retest: list[dict]) -> list[dict]:
+    """Per task and seed run at two rates: the same cells' labels, one rate against the other."""
+    runs = runs_by_rate(db, seed, retest)
+    rows = []
+    for lr1, lr2 in combinations(sorted(runs), 2):
+        for s in sorted(set(runs[lr1]) & set(runs[lr2])):
+            one, two = runs[lr1][s], runs[lr2][s]
+            for tid in sorted({k[0] for k in one if k in two}):
+                keys = [k for k in one if k[0] == tid and k in two]
+                a = np.array([one[k]["accuracy"] for k in keys])
+                b = np.array([two[k]["accuracy"] for k in keys])
+                rows.append({"task": tid, "seed": s, "rates": [lr1, lr2], "cells": len(keys),
+                             "mean_accuracy": [round(float(a.mean()), 2), round(float(b.mean()), 2)],
+                             "cells_higher_at_second": int(np.sum(b > a)), "cells_lower_at_second": int(np.sum(b < a))})
+    return rows
+
+
 def compare(task, lr: float, seeds: list[int], pairs: list[tuple[dict, dict]]) -> dict:
     a = np.array([p["accuracy"] for p, _ in pairs])
     b = np.array([q["accuracy"] for _, q in pairs])
@@ -155,7 +172,7 @@ def main() -> None:
                                 "median_retest_reliability": statistics.median(r["retest_reliability"] for r in rs),
                                 "mean_accuracy": round(statistics.mean(r["mean_accuracy"] for r in rs), 2)}
                       for lr, rs in sorted(by_lr.items())},
-            "tasks": rows, "labels": retest,
+            "tasks": rows, "rates": rates_compared(db, settings.seed, retest), "labels": retest,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_paths(args.out) as [tmp]:
@@ -185,6 +202,8 @@ def main() -> None:
         save()
     for row in summarise(db, settings.seed, retest):
         print({k: v for k, v in row.items() if k != "retest_spearman_by_epoch"})
+    for row in rates_compared(db, settings.seed, retest):
+        print(row)
 
 
 if __name__ == "__main__":
