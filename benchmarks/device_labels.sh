@@ -12,10 +12,11 @@
 # Back here, with the run's files:
 #   python benchmarks/gpu_import.py databases/nb201 FILES_AT
 #
-# The speed phase (at most a quarter of the deadline; 10 cells, the size of a task) times the ensemble and the cells-apart
-# variants and labels with the fastest that agrees with the eager ensemble; the epochs are
-# the database's own (10), so the records can be imported: without --epochs the script
-# calibrates a budget on CIFAR-10 cells, and records at another budget are refused.
+# The speed phase (at most a quarter of the deadline; 10 cells, the size of a task) times
+# the ensemble and the cells-apart variants and labels with the fastest that agrees with
+# the eager ensemble; the epochs are the database's own (10), so the records can be
+# imported: without --epochs the script calibrates a budget on CIFAR-10 cells, and records
+# at another budget are refused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?the device tool sets OUT}"

@@ -41,6 +41,12 @@ def standardise(values) -> np.ndarray:
     return (v - v.mean()) / (v.std() or 1.0)
 
 
+def sampling_noise(acc: np.ndarray, n_val: int) -> float:
+    """Variance of a validation accuracy (a fraction) from the choice of ``n_val`` images alone,
+    averaged over the labels ``acc``."""
+    return float(np.mean(acc * (1 - acc)) / n_val)
+
+
 def edge_ops(cell: str) -> np.ndarray:
     """(edges * ops,) one-hot of the operation on each edge."""
     ops = Cell.parse(cell).ops
@@ -71,7 +77,7 @@ def main() -> None:
     for tid in sorted(t for t, rs in by_task.items() if len(rs) >= MIN_RECORDS):
         acc = np.array([r.accuracy for r in by_task[tid]]) / 100
         n_val = sum(len(files) for files in tasks[tid].val)
-        noise, spread = float(np.mean(acc * (1 - acc)) / n_val), float(acc.var(ddof=1))
+        noise, spread = sampling_noise(acc, n_val), float(acc.var(ddof=1))
         codes = [Cell.parse(r.cell).code for r in by_task[tid]]
         rows.append({
             "task": tid, "source": tasks[tid].source, "classes": len(tasks[tid].classes),

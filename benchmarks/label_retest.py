@@ -28,8 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from label_reliability import sampling_noise
+
 from metad2a_cli.atomic import atomic_paths
-from metad2a_cli.meta.db import BuildSettings, Database, device_name, load_task_images, task_seed
+from metad2a_cli.meta.db import BuildSettings, Database, Record, device_name, load_task_images, task_seed
 from metad2a_cli.meta.train import spearman
 from metad2a_cli.nb201.cells import Cell
 from metad2a_cli.training.labels import label_cells
@@ -53,21 +55,20 @@ class RateSchedule(LabelSchedule):
         return replace(super().fit_settings(cell, seed), lr=self.lr)
 
 
-def runs_by_rate(db: Database, seed: int, retest: list[dict]) -> dict:
+def runs_by_rate(records: list[Record], seed: int, retest: list[dict]) -> dict:
     """{lr: {seed: {(task, cell): label}}}, the database's records as its own seed's run."""
     runs: dict = defaultdict(lambda: defaultdict(dict))
-    for r in db.records():
+    for r in records:
         runs[FitSettings.lr][seed][r.task, r.cell] = {"accuracy": r.accuracy, "curve": r.curve, "device": r.device}
     for r in retest:
         runs[r.get("lr", FitSettings.lr)][r["seed"]][r["task"], r["cell"]] = r
     return runs
 
 
-def summarise(db: Database, seed: int, retest: list[dict]) -> list[dict]:
+def summarise(tasks: dict, runs: dict) -> list[dict]:
     """Per task, learning rate and pair of seeds, the cells both runs labelled."""
-    tasks = {t.id: t for t in db.tasks()}
     rows = []
-    for lr, by_seed in sorted(runs_by_rate(db, seed, retest).items()):
+    for lr, by_seed in sorted(runs.items()):
         seeds = sorted(by_seed)
         for tid in sorted({k[0] for s in seeds for k in by_seed[s]}):
             for s1, s2 in combinations(seeds, 2):
@@ -78,9 +79,8 @@ def summarise(db: Database, seed: int, retest: list[dict]) -> list[dict]:
     return rows
 
 
-def rates_compared(db: Database, seed: int, retest: list[dict]) -> list[dict]:
+def rates_compared(runs: dict) -> list[dict]:
     """Per task and seed run at two rates: the same cells' labels, one rate against the other."""
-    runs = runs_by_rate(db, seed, retest)
     rows = []
     for lr1, lr2 in combinations(sorted(runs), 2):
         for s in sorted(set(runs[lr1]) & set(runs[lr2])):
@@ -100,7 +100,7 @@ def compare(task, lr: float, seeds: list[int], pairs: list[tuple[dict, dict]]) -
     b = np.array([q["accuracy"] for _, q in pairs])
     n_val = sum(len(f) for f in task.val)
     p = np.concatenate([a, b]) / 100
-    noise, spread = float(np.mean(p * (1 - p)) / n_val), float(np.var(p, ddof=1))
+    noise, spread = sampling_noise(p, n_val), float(np.var(p, ddof=1))
     diff_sd = float(np.std(a - b, ddof=1))
     chance = 100.0 / len(task.classes)
     epochs = min(len(x["curve"]) for pair in pairs for x in pair)
@@ -126,6 +126,24 @@ def compare(task, lr: float, seeds: list[int], pairs: list[tuple[dict, dict]]) -
     }
 
 
+def report(db: Database, settings: BuildSettings, tasks: dict, records: list[Record], retest: list[dict]) -> dict:
+    runs = runs_by_rate(records, settings.seed, retest)
+    rows = summarise(tasks, runs)
+    by_lr = defaultdict(list)
+    for r in rows:
+        by_lr[r["lr"]].append(r)
+    return {
+        "database": str(db.path.relative_to(REPO) if db.path.is_relative_to(REPO) else db.path),
+        "schedule": settings.schedule.to_dict(),
+        "by_lr": {str(lr): {"pairs": len(rs),
+                            "median_retest_spearman": statistics.median(r["retest_spearman"] for r in rs),
+                            "median_retest_reliability": statistics.median(r["retest_reliability"] for r in rs),
+                            "mean_accuracy": round(statistics.mean(r["mean_accuracy"] for r in rs), 2)}
+                  for lr, rs in sorted(by_lr.items())},
+        "tasks": rows, "rates": rates_compared(runs), "labels": retest,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--db", type=Path, default=REPO / "databases/nb201")
@@ -148,8 +166,9 @@ def main() -> None:
         raise SystemExit(f"--seed {args.seed} is the database's own; a retest needs another")
     schedule = RateSchedule(**settings.schedule.to_dict(), lr=args.lr)
     tasks = {t.id: t for t in db.tasks()}
+    records = db.records()  # read once: nothing else writes the database while this runs
     labelled = defaultdict(list)
-    for r in db.records():
+    for r in records:
         labelled[r.task].append(r.cell)
     missing = [t for t in args.tasks if t not in tasks]
     if missing:
@@ -159,24 +178,12 @@ def main() -> None:
     done = {(r["task"], r["cell"]) for r in retest if r["seed"] == args.seed and r.get("lr", FitSettings.lr) == args.lr}
     dev, name = torch.device(args.device), device_name(args.device)
 
-    def save() -> None:
-        rows = summarise(db, settings.seed, retest)
-        by_lr = defaultdict(list)
-        for r in rows:
-            by_lr[r["lr"]].append(r)
-        report = {
-            "database": str(db.path.relative_to(REPO) if db.path.is_relative_to(REPO) else db.path),
-            "schedule": settings.schedule.to_dict(),
-            "by_lr": {str(lr): {"pairs": len(rs),
-                                "median_retest_spearman": statistics.median(r["retest_spearman"] for r in rs),
-                                "median_retest_reliability": statistics.median(r["retest_reliability"] for r in rs),
-                                "mean_accuracy": round(statistics.mean(r["mean_accuracy"] for r in rs), 2)}
-                      for lr, rs in sorted(by_lr.items())},
-            "tasks": rows, "rates": rates_compared(db, settings.seed, retest), "labels": retest,
-        }
+    def save() -> dict:
+        result = report(db, settings, tasks, records, retest)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_paths(args.out) as [tmp]:
-            tmp.write_text(json.dumps(report, indent=1) + "\n")
+            tmp.write_text(json.dumps(result, indent=1) + "\n")
+        return result
 
     if not (args.report_only or args.print_only):
         for tid in args.tasks:
@@ -198,11 +205,10 @@ def main() -> None:
                 })
                 save()
                 print(f"{tid} lr {args.lr} seed {args.seed} {cell} {label.accuracy:.2f} ({retest[-1]['seconds']} s)", flush=True)
-    if not args.print_only:
-        save()
-    for row in summarise(db, settings.seed, retest):
+    result = report(db, settings, tasks, records, retest) if args.print_only else save()
+    for row in result["tasks"]:
         print({k: v for k, v in row.items() if k != "retest_spearman_by_epoch"})
-    for row in rates_compared(db, settings.seed, retest):
+    for row in result["rates"]:
         print(row)
 
 
