@@ -1,9 +1,9 @@
 """Append the records a GPU run wrote (`gpu_labels.py`'s OUT/records.jsonl) to a database.
 
 Each record must name a task of the database and one of that task's cells, and the run's
-label schedule (`gpu_labels.json`'s `chosen_epochs`) must be the database's; records the
-database already holds are skipped. Writes through the database's own shard writer
-(append-only, fsynced, locked), as `metad2a db build` does.
+label schedule (`gpu_labels.json`'s `schedule`: epochs, augmentation, rate, network) must
+be the database's; records the database already holds are skipped. Writes through the
+database's own shard writer (append-only, fsynced, locked), as `metad2a db build` does.
 
     python benchmarks/gpu_import.py databases/nb201 /work/.device/1/
 """
@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from metad2a_cli.meta.db import Database, Record
+from metad2a_cli.meta.db import BuildSettings, Database, Record
 
 
 def main() -> None:
@@ -24,9 +24,10 @@ def main() -> None:
     ap.add_argument("--shard", default="0/1")
     args = ap.parse_args()
     db = Database(args.db)
-    epochs = json.loads((args.run / "gpu_labels.json").read_text())["chosen_epochs"]
-    if db.manifest["settings"]["schedule"]["epochs"] != epochs:
-        raise SystemExit(f"the run labelled at {epochs} epochs; {args.db} labels at {db.manifest['settings']['schedule']['epochs']}")
+    ran = json.loads((args.run / "gpu_labels.json").read_text()).get("schedule")
+    wanted = BuildSettings.from_dict(db.manifest["settings"]).schedule.to_dict()
+    if ran != wanted:
+        raise SystemExit(f"the run labelled with schedule {ran}; {args.db} labels with {wanted}")
     cells = {t.id: set(t.cells) for t in db.tasks()}
     done = {(r.task, r.cell) for r in db.records()}
     new = [Record(**json.loads(line)) for line in (args.run / "records.jsonl").read_text().splitlines() if line.strip()]

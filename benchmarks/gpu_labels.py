@@ -11,7 +11,8 @@ Reads the folder `benchmarks/gpu_pack.py` wrote (carried to the device machine) 
 2. calibration: labels of the calibration cells at several epoch budgets, and their
    Spearman rank correlation with the published 200-epoch CIFAR-10 accuracies (used only
    to choose the budget, never in training);
-3. records: the packed database tasks in order, labelled with the chosen budget, appended
+3. records: the packed database tasks in order, labelled with the database's schedule
+   (`gpu_pack.py` packs it) at the chosen budget, appended
    to `OUT/records.jsonl` a task at a time (fsynced), so a run cut short keeps every
    finished task.
 
@@ -27,6 +28,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import bench_labels
@@ -42,11 +44,11 @@ from metad2a_cli.training.labels import label_cells
 from metad2a_cli.training.schedule import LabelSchedule
 
 
-def calibrate(cells, cifar, train, val, device, results, budgets, chunk, how, count, deadline) -> None:
+def calibrate(cells, cifar, train, val, device, results, base, budgets, chunk, how, count, deadline) -> None:
     rng = np.random.default_rng(0)
     pick = np.sort(rng.choice(len(cells), size=min(count, len(cells)), replace=False))
     for epochs in budgets:
-        schedule = LabelSchedule(epochs=epochs)
+        schedule = replace(base, epochs=epochs)
         accs, t0 = [], time.perf_counter()
         for i in range(0, len(pick), chunk):
             if elapsed() > deadline:
@@ -74,13 +76,12 @@ def choose_epochs(results, default: int) -> int:
     return min(e["epochs"] for e in done if e["spearman_vs_cifar10"] >= best - 0.03)
 
 
-def build(pack: Path, out: Path, epochs: int, device, how: dict, deadline: float, results, seed: int,
+def build(pack: Path, out: Path, schedule: LabelSchedule, device, how: dict, deadline: float, results, seed: int,
           smoke: bool = False) -> None:
     tasks = json.loads((pack / "tasks.json").read_text())
     if smoke:  # one task, two cells
         tasks = [{**tasks[0], "cells": tasks[0]["cells"][:2]}]
     sources = {}
-    schedule = LabelSchedule(epochs=epochs)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     path = out / "records.jsonl"
     done = set()
@@ -121,7 +122,7 @@ def build(pack: Path, out: Path, epochs: int, device, how: dict, deadline: float
             written += len(cells)
             log(f"{task['id']} ({task['source']}, {len(train)} train images): {len(cells)} records in {seconds:.1f} s")
     minutes = (time.perf_counter() - t_start) / 60
-    results["build"] = {"epochs": epochs, "records": written, "tasks": len(per_task), "minutes": minutes,
+    results["build"] = {"epochs": schedule.epochs, "records": written, "tasks": len(per_task), "minutes": minutes,
                         "records_per_minute": written / max(minutes, 1e-9), "device": name}
     log("build:", results["build"])
 
@@ -153,6 +154,8 @@ def main() -> None:
         (args.out / "gpu_labels.json").write_text(json.dumps(results, indent=1) + "\n")
 
     train, val, cells, cifar = load_calibration(args.pack)
+    # The database's schedule (augmentation, rate, network); only the epochs may differ.
+    base = LabelSchedule.from_dict(json.loads((args.pack / "schedule.json").read_text()))
     log(f"{results['device']}, torch {torch.__version__}; calibration task {len(train)}/{len(val)}")
     if args.smoke:
         train = LabeledImages(train.images[:60], train.labels[:60])
@@ -193,7 +196,7 @@ def main() -> None:
         budgets = [1, 2] if args.smoke else args.budgets
         chunk = best["cells"]  # labels do not depend on how many cells train together
         try:
-            calibrate(cells, cifar, train, val, device, results, budgets, chunk, how,
+            calibrate(cells, cifar, train, val, device, results, base, budgets, chunk, how,
                       12 if args.smoke else args.calibration_cells, args.calibration_share * args.deadline)
         except Exception as err:
             results["calibration_error"] = repr(err)
@@ -202,9 +205,11 @@ def main() -> None:
     else:
         epochs = args.epochs
     results["chosen_epochs"] = epochs
-    log(f"building records at {epochs} epochs")
+    schedule = replace(base, epochs=epochs)
+    results["schedule"] = schedule.to_dict()  # gpu_import holds it to the database's
+    log(f"building records with {results['schedule']}")
     save()
-    build(args.pack, args.out, epochs, device, how, args.deadline, results, args.seed, args.smoke)
+    build(args.pack, args.out, schedule, device, how, args.deadline, results, args.seed, args.smoke)
     save()
 
 

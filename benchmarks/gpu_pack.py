@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from metad2a_cli.training.fitdata import decode
+from metad2a_cli.training.schedule import LabelSchedule
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO / ".." / "shared" / "data"
@@ -83,6 +84,9 @@ def pack_tasks(db: Path, out: Path, budget: float) -> int:
         np.savez_compressed(out / f"source-{source}.npz", images=np.stack([images[i] for i in keep]),
                             names=np.array([names[i] for i in keep]))
     (out / "tasks.json").write_text(json.dumps(chosen))
+    # The labels must be the database's kind: its schedule, read as this version reads it.
+    schedule = LabelSchedule.from_dict(manifest["settings"]["schedule"])
+    (out / "schedule.json").write_text(json.dumps(schedule.to_dict()))
     return len(chosen)
 
 

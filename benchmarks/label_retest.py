@@ -22,7 +22,7 @@ import json
 import statistics
 import time
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from itertools import combinations
 from pathlib import Path
 
@@ -35,8 +35,7 @@ from metad2a_cli.meta.db import BuildSettings, Database, Record, device_name, lo
 from metad2a_cli.meta.train import spearman
 from metad2a_cli.nb201.cells import Cell
 from metad2a_cli.training.labels import label_cells
-from metad2a_cli.training.schedule import LabelSchedule
-from metad2a_cli.training.trainer import FitSettings
+from metad2a_cli.training.schedule import DEFAULT_LR
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,23 +44,13 @@ def load(path: Path) -> list[dict]:
     return json.loads(path.read_text())["labels"] if path.exists() else []
 
 
-@dataclass(frozen=True)
-class RateSchedule(LabelSchedule):
-    """The database's schedule at another peak learning rate (an experiment, not a format)."""
-
-    lr: float = FitSettings.lr
-
-    def fit_settings(self, cell: Cell, seed: int) -> FitSettings:
-        return replace(super().fit_settings(cell, seed), lr=self.lr)
-
-
-def runs_by_rate(records: list[Record], seed: int, retest: list[dict]) -> dict:
+def runs_by_rate(records: list[Record], settings: BuildSettings, retest: list[dict]) -> dict:
     """{lr: {seed: {(task, cell): label}}}, the database's records as its own seed's run."""
     runs: dict = defaultdict(lambda: defaultdict(dict))
     for r in records:
-        runs[FitSettings.lr][seed][r.task, r.cell] = {"accuracy": r.accuracy, "curve": r.curve, "device": r.device}
+        runs[settings.schedule.lr][settings.seed][r.task, r.cell] = {"accuracy": r.accuracy, "curve": r.curve, "device": r.device}
     for r in retest:
-        runs[r.get("lr", FitSettings.lr)][r["seed"]][r["task"], r["cell"]] = r
+        runs[r.get("lr", DEFAULT_LR)][r["seed"]][r["task"], r["cell"]] = r
     return runs
 
 
@@ -127,7 +116,7 @@ def compare(task, lr: float, seeds: list[int], pairs: list[tuple[dict, dict]]) -
 
 
 def report(db: Database, settings: BuildSettings, tasks: dict, records: list[Record], retest: list[dict]) -> dict:
-    runs = runs_by_rate(records, settings.seed, retest)
+    runs = runs_by_rate(records, settings, retest)
     rows = summarise(tasks, runs)
     by_lr = defaultdict(list)
     for r in rows:
@@ -151,7 +140,7 @@ def main() -> None:
                     help="folder holding the database's sources by name")
     ap.add_argument("--tasks", nargs="+", required=True, help="task ids, labelled in this order")
     ap.add_argument("--seed", type=int, default=1, help="build seed of the retest run (the database's is in its manifest)")
-    ap.add_argument("--lr", type=float, default=FitSettings.lr, help="peak learning rate of the retest run (fit's by default)")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate of the retest run (the database's by default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=REPO / "docs/label_retest.json")
     ap.add_argument("--report-only", action="store_true", help="summarise what --out holds, label nothing")
@@ -162,9 +151,10 @@ def main() -> None:
 
     db = Database(args.db.resolve())
     settings = BuildSettings.from_dict(db.manifest["settings"])
-    if args.seed == settings.seed and args.lr == FitSettings.lr:
+    args.lr = settings.schedule.lr if args.lr is None else args.lr
+    if args.seed == settings.seed and args.lr == settings.schedule.lr:
         raise SystemExit(f"--seed {args.seed} is the database's own; a retest needs another")
-    schedule = RateSchedule(**settings.schedule.to_dict(), lr=args.lr)
+    schedule = replace(settings.schedule, lr=args.lr)
     tasks = {t.id: t for t in db.tasks()}
     records = db.records()  # read once: nothing else writes the database while this runs
     labelled = defaultdict(list)
@@ -175,7 +165,7 @@ def main() -> None:
         raise SystemExit(f"no such task in {args.db}: {', '.join(missing)}")
 
     retest = load(args.out)
-    done = {(r["task"], r["cell"]) for r in retest if r["seed"] == args.seed and r.get("lr", FitSettings.lr) == args.lr}
+    done = {(r["task"], r["cell"]) for r in retest if r["seed"] == args.seed and r.get("lr", DEFAULT_LR) == args.lr}
     dev, name = torch.device(args.device), device_name(args.device)
 
     def save() -> dict:

@@ -87,5 +87,6 @@ def test_records_from_before_the_policy_was_named_trained_with_crop_flip():
     assert FitSettings.from_record({"cell": "x"}).augment == LEGACY_AUGMENT == "crop-flip"
     assert FitSettings.from_record({"cell": "x", "augment": "none"}).augment == "none"
     assert LabelSchedule.from_dict({"epochs": 3}).augment == LEGACY_AUGMENT
+    assert LabelSchedule.from_dict({"epochs": 3}).lr == 0.1 == FitSettings(cell="x").lr  # every label then trained at 0.1
     assert LabelSchedule().augment == FitSettings(cell="x").augment == DEFAULT_AUGMENT
     assert LabelSchedule().fit_settings(Cell((3,) * 6), 0).augment == DEFAULT_AUGMENT

@@ -83,14 +83,17 @@ def test_build_end_to_end_and_resume(sources, tmp_path):
     # Other settings on the same folder are refused.
     with pytest.raises(UserError, match="other settings"):
         build(db_path, sources, settings(cells_per_task=3), device="cpu")
-    # A manifest from before the labels' augmentation was recorded reads as crop-flip's.
+    # A manifest from before the labels' augmentation and rate were recorded reads as
+    # crop-flip's at 0.1.
     assert manifest["settings"]["schedule"]["augment"] == DEFAULT_AUGMENT
-    del manifest["settings"]["schedule"]["augment"]
+    assert manifest["settings"]["schedule"]["lr"] == 0.1
+    del manifest["settings"]["schedule"]["augment"], manifest["settings"]["schedule"]["lr"]
     (db_path / "manifest.json").write_text(json.dumps(manifest))
     assert build(db_path, sources, settings(schedule=replace(TINY, augment="crop-flip")), device="cpu") == 0
-    if DEFAULT_AUGMENT != "crop-flip":
+    others = [replace(TINY, augment="crop-flip", lr=0.025)] + ([TINY] if DEFAULT_AUGMENT != "crop-flip" else [])
+    for other in others:
         with pytest.raises(UserError, match="other settings"):
-            build(db_path, sources, settings(), device="cpu")
+            build(db_path, sources, settings(schedule=other), device="cpu")
 
 
 def test_db_info_resolves_a_shipped_name(tmp_path, monkeypatch, capsys):
@@ -213,7 +216,8 @@ def test_cli_on_paths_that_are_no_database(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("option, value, message", [("--epochs", "0", "--epochs must be at least 1, got 0"),
-                                                     ("--cells-per-task", "20000", "--cells-per-task must be in 1..15625")])
+                                                     ("--cells-per-task", "20000", "--cells-per-task must be in 1..15625"),
+                                                     ("--lr", "0", "--lr must be a positive finite number, got 0.0")])
 def test_cli_checks_label_settings_in_one_line(sources, tmp_path, capsys, time_limit, option, value, message):
     with time_limit(30):
         assert run(["db", "build", str(tmp_path / "db"), "-s", str(sources[0]), option, value, "--device", "cpu"]) == 2
@@ -277,4 +281,7 @@ def test_info_counts_records_per_device_old_records_included(tmp_path, capsys):
     (db_path / "records-0of1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert Database(db_path).info()["records_per_device"] == {"unknown": 1, "cpu": 1, "NVIDIA H100": 2}
     assert run(["db", "info", str(db_path)]) == 0
-    assert "devices    NVIDIA H100: 2, cpu: 1, unknown: 1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "devices    NVIDIA H100: 2, cpu: 1, unknown: 1" in out
+    # A schedule from before augmentation and rate were recorded: what its labels trained with.
+    assert "labels     1-epoch fits, C=16 N=5 32 px, augment crop-flip, peak lr 0.1\n" in out

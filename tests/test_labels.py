@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from metad2a_cli.training.fit import start_fit
 from metad2a_cli.training.fitdata import split_and_decode
 from metad2a_cli.training.labels import label_cells
 from metad2a_cli.training.schedule import LabelSchedule
-from metad2a_cli.training.trainer import new_network
+from metad2a_cli.training.trainer import FitSettings, new_network
 
 RESNET = Cell.parse("|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|")
 CELLS = [
@@ -58,10 +60,12 @@ def task(tmp_path_factory):
 
 def test_a_label_is_what_fit_reports(task, tmp_path):
     root, train, val = task
-    labels = label_cells(CELLS[:3], train, val, SCHEDULE, seed=0, device=torch.device("cpu"))
+    schedule = replace(SCHEDULE, lr=0.03)  # not fit's default: the label must train at its schedule's rate
+    labels = label_cells(CELLS[:3], train, val, schedule, seed=0, device=torch.device("cpu"))
     for cell, label in zip(CELLS[:3], labels):
-        fitted = start_fit(root, SCHEDULE.fit_settings(cell, seed=0).__class__(
-            **{**SCHEDULE.fit_settings(cell, seed=0).__dict__, "val_fraction": 0.25}), tmp_path / str(cell.index), device="cpu")
+        settings = FitSettings(cell=str(cell), channels=4, cells_per_stage=1, input_size=16, epochs=3, lr=0.03,
+                               val_fraction=0.25, seed=0, augment=schedule.augment)
+        fitted = start_fit(root, settings, tmp_path / str(cell.index), device="cpu")
         curve = [e["val_acc"] for e in fitted.state.history]
         assert label.curve == pytest.approx(curve, abs=100.0 / len(val) + 1e-9)  # at most one image apart
         assert label.accuracy == max(label.curve) and label.curve[label.best_epoch - 1] == label.accuracy

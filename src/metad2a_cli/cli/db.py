@@ -37,6 +37,7 @@ def build(
     augment: str = typer.Option(
         LabelSchedule.augment, "--augment", help="Augmentation of each cell's fit (see `metad2a fit --help`)."
     ),
+    lr: float = typer.Option(LabelSchedule.lr, "--lr", help="Peak learning rate of each cell's fit."),
     seed: int = typer.Option(0, "--seed", help="Seeds the tasks, the cells and the training."),
     shard: str = typer.Option("0/1", "--shard", help="i/n: this builder trains every n-th task from the i-th."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -78,7 +79,7 @@ def build(
         features_per_class=features_per_class,
         cells_per_task=cells_per_task,
         seed=seed,
-        schedule=LabelSchedule(epochs=epochs, augment=augment),
+        schedule=LabelSchedule(epochs=epochs, augment=augment, lr=lr),
     )
     settings.validate()  # before the progress bar is drawn
     if chunk < 0:
@@ -149,6 +150,9 @@ def info(
     console.print(f"records    {data['records']} ({data['unique_cells']} distinct cells)")
     console.print("sources    " + ", ".join(f"{k}: {v}" for k, v in sorted(data["tasks_per_source"].items())))
     console.print("devices    " + ", ".join(f"{k}: {v}" for k, v in sorted(data["records_per_device"].items())), highlight=False)
+    s = data["schedule"]
+    console.print(f"labels     {s['epochs']}-epoch fits, C={s['channels']} N={s['cells_per_stage']} "
+                  f"{s['input_size']} px, augment {s['augment']}, peak lr {s['lr']:g}", highlight=False)
     if acc["min"] is not None:
         console.print(f"accuracy   min {acc['min']:.1f}  median {acc['median']:.1f}  max {acc['max']:.1f}  (%)")
     console.print(f"build time {data['build_seconds'] / 60:.1f} min of training; {data['size_bytes'] / 1e6:.1f} MB on disk")

@@ -33,8 +33,7 @@ import numpy as np
 from ..atomic import atomic_paths, check_output_folder, exclusive_lock
 from ..errors import UserError
 from ..nb201.cells import NUM_CELLS, Cell
-from ..training.policies import LEGACY_AUGMENT
-from ..training.schedule import LabelSchedule
+from ..training.schedule import LEGACY_FIELDS, LabelSchedule
 from .table import TABLE_FILE
 
 # 2: labels are shortened fits of the full network (1: a shrunken proxy network's).
@@ -334,7 +333,7 @@ class Database:
         return {
             "path": str(self.path),
             "encoder": manifest["encoder"]["identity"],
-            "schedule": manifest["settings"]["schedule"],
+            "schedule": LabelSchedule.from_dict(manifest["settings"]["schedule"]).to_dict(),
             "tasks": len(tasks),
             "tasks_complete": complete,
             "tasks_with_records": len(per_task),
@@ -355,9 +354,9 @@ class Database:
 
 def _as_now(key: str, value):
     """A manifest entry as this version records it: a schedule from before the labels'
-    augmentation was recorded trained with the policy every label then used."""
+    augmentation or learning rate was recorded trained with what every label then used."""
     if key == "settings" and isinstance(value, dict) and isinstance(value.get("schedule"), dict):
-        return {**value, "schedule": {"augment": LEGACY_AUGMENT, **value["schedule"]}}
+        return {**value, "schedule": {**LEGACY_FIELDS, **value["schedule"]}}
     return value
 
 

@@ -8,6 +8,11 @@ from typing import TYPE_CHECKING
 from ..nb201.cells import Cell
 from .policies import DEFAULT_AUGMENT, LEGACY_AUGMENT
 
+# Fit's default peak learning rate (NAS-Bench-201's).
+DEFAULT_LR = 0.1
+# What a schedule from before a field was recorded trained with.
+LEGACY_FIELDS = {"augment": LEGACY_AUGMENT, "lr": DEFAULT_LR}
+
 if TYPE_CHECKING:
     from .trainer import FitSettings
 
@@ -21,6 +26,7 @@ class LabelSchedule:
     cells_per_stage: int = 5
     input_size: int = 32
     augment: str = DEFAULT_AUGMENT
+    lr: float = DEFAULT_LR
 
     def validate(self) -> None:
         """A label is a fit, so its schedule must be one `metad2a fit` would run."""
@@ -31,7 +37,7 @@ class LabelSchedule:
 
     @classmethod
     def from_dict(cls, data: dict) -> LabelSchedule:
-        return cls(**{"augment": LEGACY_AUGMENT, **data})
+        return cls(**{**LEGACY_FIELDS, **data})
 
     def fit_settings(self, cell: Cell, seed: int) -> FitSettings:
         from .trainer import FitSettings
@@ -39,4 +45,5 @@ class LabelSchedule:
         return FitSettings(
             cell=str(cell), channels=self.channels, cells_per_stage=self.cells_per_stage,
             input_size=self.input_size, epochs=self.epochs, seed=seed, augment=self.augment,
+            lr=self.lr,
         )

@@ -33,6 +33,7 @@ from .recipe import (
     to_unit,
 )
 from .policies import DEFAULT_AUGMENT, LEGACY_AUGMENT, check_policy
+from .schedule import DEFAULT_LR
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class FitSettings:
     cells_per_stage: int = 5
     input_size: int = 32
     epochs: int = 30
-    lr: float = 0.1
+    lr: float = DEFAULT_LR
     momentum: float = 0.9
     weight_decay: float = 5e-4
     val_fraction: float = 0.2
