@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # One lent GPU session's worth of databases/nb201 labels, ready to run.
+# Until fit's rate is settled, run benchmarks/device_heldout.sh first (docs/labels.md, Reproduce).
 #
 # Here, on the CPU, first:
 #   python benchmarks/gpu_pack.py --budget-mb 40        # .gpu/: only tasks that still lack records
