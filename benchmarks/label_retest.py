@@ -35,7 +35,7 @@ from metad2a_cli.meta.db import BuildSettings, Database, Record, device_name, lo
 from metad2a_cli.meta.train import spearman
 from metad2a_cli.nb201.cells import Cell
 from metad2a_cli.training.labels import label_cells
-from metad2a_cli.training.schedule import DEFAULT_LR
+from metad2a_cli.training.policies import DEFAULT_LR
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ..errors import UserError
-from ..training.policies import AUGMENT_POLICIES, DEFAULT_AUGMENT
+from ..training.policies import AUGMENT_POLICIES, DEFAULT_AUGMENT, DEFAULT_LR
 from .common import INTERRUPTED, console, err_console, print_json
 
 
@@ -26,7 +26,7 @@ def fit(
     channels: int = typer.Option(None, "--channels", help="Width C of the first stage (default 16)."),
     cells: int = typer.Option(None, "--cells", help="Cells per stage N (default 5)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Images per step (default 256, fewer on sets under 12,800 images)."),
-    lr: float = typer.Option(None, "--lr", help="Peak learning rate of SGD (default 0.1)."),
+    lr: float = typer.Option(None, "--lr", help=f"Peak learning rate of SGD (default {DEFAULT_LR:g})."),
     weight_decay: float = typer.Option(None, "--weight-decay", help="L2 penalty of SGD (default 5e-4)."),
     input_size: int = typer.Option(None, "--input-size", help="Images are resized to SxS (default 32)."),
     val_fraction: float = typer.Option(None, "--val-fraction", help="Share of each class held out for validation (default 0.2)."),

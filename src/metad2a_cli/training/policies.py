@@ -1,5 +1,5 @@
-"""The augmentation policies by name, without torch (the CLI lists them; ``augment``
-implements them)."""
+"""The augmentation policies by name, and the default peak learning rate, without torch
+(the CLI lists them; ``augment`` implements the policies)."""
 
 from ..errors import UserError
 
@@ -15,6 +15,9 @@ AUGMENT_POLICIES = {
 DEFAULT_AUGMENT = "none"
 # What fits and databases recorded before the policy had a name trained with.
 LEGACY_AUGMENT = "crop-flip"
+# Fit's default peak learning rate (NAS-Bench-201's), and every database label's before a
+# schedule recorded its rate.
+DEFAULT_LR = 0.1
 
 
 def check_policy(name: str) -> None:

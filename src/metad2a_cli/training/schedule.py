@@ -6,10 +6,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from ..nb201.cells import Cell
-from .policies import DEFAULT_AUGMENT, LEGACY_AUGMENT
+from .policies import DEFAULT_AUGMENT, DEFAULT_LR, LEGACY_AUGMENT
 
-# Fit's default peak learning rate (NAS-Bench-201's).
-DEFAULT_LR = 0.1
 # What a schedule from before a field was recorded trained with.
 LEGACY_FIELDS = {"augment": LEGACY_AUGMENT, "lr": DEFAULT_LR}
 

@@ -32,8 +32,7 @@ from .recipe import (
     members_loss,
     to_unit,
 )
-from .policies import DEFAULT_AUGMENT, LEGACY_AUGMENT, check_policy
-from .schedule import DEFAULT_LR
+from .policies import DEFAULT_AUGMENT, DEFAULT_LR, LEGACY_AUGMENT, check_policy
 
 
 @dataclass(frozen=True)
