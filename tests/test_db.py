@@ -61,6 +61,22 @@ def test_task_drawing_is_seeded(sources):
     assert {t.source for t in a} == {"alpha", "beta"}
 
 
+def test_tasks_grow_to_min_task_images(sources):
+    folders = {s.name: read_image_folder(s) for s in sources}
+    plain = draw_tasks(folders, settings(num_tasks=20))
+    # 3 classes of 8 images are 24: a task must take 4 classes to hold 30, and a source of
+    # 5 classes cannot reach 48, so it gives every class it has.
+    grown = draw_tasks(folders, settings(num_tasks=20, min_task_images=30))
+    capped = draw_tasks(folders, settings(num_tasks=20, min_task_images=48))
+    for p, g, c in zip(plain, grown, capped):
+        assert p.source == g.source == c.source
+        assert set(p.classes) <= set(g.classes) and len(g.classes) == max(len(p.classes), 4)
+        assert len(c.classes) == len(folders[c.source].classes)
+    assert any(len(p.classes) < len(g.classes) for p, g in zip(plain, grown))
+    # Without the setting the draw is the one every existing database was built with.
+    assert draw_tasks(folders, settings(num_tasks=20, min_task_images=0)) == plain
+
+
 def test_build_end_to_end_and_resume(sources, tmp_path):
     db_path = tmp_path / "db"
     written = build(db_path, sources, settings(), device="cpu")
@@ -88,6 +104,7 @@ def test_build_end_to_end_and_resume(sources, tmp_path):
     assert manifest["settings"]["schedule"]["augment"] == DEFAULT_AUGMENT
     assert manifest["settings"]["schedule"]["lr"] == 0.1
     del manifest["settings"]["schedule"]["augment"], manifest["settings"]["schedule"]["lr"]
+    del manifest["settings"]["min_task_images"]  # drawn before it existed: none
     (db_path / "manifest.json").write_text(json.dumps(manifest))
     assert build(db_path, sources, settings(schedule=replace(TINY, augment="crop-flip")), device="cpu") == 0
     others = [replace(TINY, augment="crop-flip", lr=0.025)] + ([TINY] if DEFAULT_AUGMENT != "crop-flip" else [])

@@ -221,6 +221,7 @@ def test_db_build(data, sandbox, capsys, time_limit):
             "--features-per-class", "2", "--epochs", "1"]
     argv += options(data.draw, [("--tasks", ["1", "-1", "0"]), ("--cells-per-task", ["1", "-1", "0", "20000"]),
                                 ("--min-classes", INTS), ("--max-classes", INTS), ("--images-per-class", SMALL),
+                                ("--min-task-images", INTS),
                                 ("--features-per-class", SMALL), ("--epochs", ["1", "-1", "0", "abc"]), ("--seed", INTS),
                                 ("--shard", ["0/1", "1/1", "x", "-1/2", "0/0"]), ("--device", DEVICES),
                                 ("--chunk", SMALL)])

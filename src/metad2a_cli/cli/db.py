@@ -32,6 +32,9 @@ def build(
     min_classes: int = typer.Option(5, "--min-classes", help="Fewest classes in a task."),
     max_classes: int = typer.Option(20, "--max-classes", help="Most classes in a task."),
     images_per_class: int = typer.Option(100, "--images-per-class", help="Train + validation images per class."),
+    min_task_images: int = typer.Option(
+        0, "--min-task-images", help="Add classes to a task until it holds this many images (or its source runs out)."
+    ),
     features_per_class: int = typer.Option(30, "--features-per-class", help="Encoder features stored per class."),
     epochs: int = typer.Option(LabelSchedule.epochs, "--epochs", help="Epochs of each cell's fit (the label's budget)."),
     augment: str = typer.Option(
@@ -76,6 +79,7 @@ def build(
         min_classes=min_classes,
         max_classes=max_classes,
         images_per_class=images_per_class,
+        min_task_images=min_task_images,
         features_per_class=features_per_class,
         cells_per_task=cells_per_task,
         seed=seed,

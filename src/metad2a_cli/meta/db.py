@@ -54,6 +54,9 @@ class BuildSettings:
     min_classes: int = 5
     max_classes: int = 20
     images_per_class: int = 100  # train + validation images per class and task (fewer if the class has fewer)
+    # Classes are added to a task until it holds this many images (or the source runs out):
+    # labels on a few hundred images rank cells by noise (docs/labels.md).
+    min_task_images: int = 0
     val_fraction: float = 0.25
     features_per_class: int = 30  # stored features per class (a search samples 20)
     cells_per_task: int = 10
@@ -63,7 +66,7 @@ class BuildSettings:
     def validate(self) -> None:
         least = (("--tasks", self.num_tasks, 1), ("--min-classes", self.min_classes, 2),
                  # validation takes 2 images a class; training needs at least 1 more
-                 ("--images-per-class", self.images_per_class, 3),
+                 ("--images-per-class", self.images_per_class, 3), ("--min-task-images", self.min_task_images, 0),
                  ("--features-per-class", self.features_per_class, 1), ("--seed", self.seed, 0))
         for flag, value, lowest in least:
             if value < lowest:
@@ -156,7 +159,15 @@ def draw_tasks(folders: dict, settings: BuildSettings) -> list[Task]:
         folder = folders[name]
         upper = min(settings.max_classes, len(usable[name]))
         k = int(rng.integers(settings.min_classes, upper + 1))
-        chosen = sorted(rng.choice(usable[name], size=k, replace=False).tolist())
+        chosen = rng.choice(usable[name], size=k, replace=False).tolist()
+        held = sum(min(len(folder.files[i]), settings.images_per_class) for i in chosen)
+        if held < settings.min_task_images:
+            for i in rng.permutation(sorted(set(usable[name]) - set(chosen))).tolist():
+                if held >= settings.min_task_images:
+                    break
+                chosen.append(i)
+                held += min(len(folder.files[i]), settings.images_per_class)
+        chosen = sorted(chosen)
         train, val = [], []
         for i in chosen:
             order = sample_order(folder.files[i], settings.seed * 1_000_003 + t, folder.classes[i])
@@ -354,9 +365,10 @@ class Database:
 
 def _as_now(key: str, value):
     """A manifest entry as this version records it: a schedule from before the labels'
-    augmentation or learning rate was recorded trained with what every label then used."""
+    augmentation or learning rate was recorded trained with what every label then used, and
+    settings from before ``min_task_images`` drew tasks without it."""
     if key == "settings" and isinstance(value, dict) and isinstance(value.get("schedule"), dict):
-        return {**value, "schedule": {**LEGACY_FIELDS, **value["schedule"]}}
+        return {"min_task_images": 0, **value, "schedule": {**LEGACY_FIELDS, **value["schedule"]}}
     return value
 
 
