@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from metad2a_cli.meta.db import BuildSettings, Database, Record
+from metad2a_cli.meta.db import Database, Record
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     args = ap.parse_args()
     db = Database(args.db)
     ran = json.loads((args.run / "gpu_labels.json").read_text()).get("schedule")
-    wanted = BuildSettings.from_dict(db.manifest["settings"]).schedule.to_dict()
+    wanted = db.schedule.to_dict()
     if ran != wanted:
         raise SystemExit(f"the run labelled with schedule {ran}; {args.db} labels with {wanted}")
     cells = {t.id: set(t.cells) for t in db.tasks()}

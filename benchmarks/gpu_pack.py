@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from metad2a_cli.meta.db import Database
 from metad2a_cli.training.fitdata import decode
-from metad2a_cli.training.schedule import LabelSchedule
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO / ".." / "shared" / "data"
@@ -56,11 +56,9 @@ def pack_calibration(out: Path, per_class: int = 100, val_fraction: float = 0.25
 
 def pack_tasks(db: Path, out: Path, budget: float) -> int:
     tasks = json.loads((db / "tasks.json").read_text())
-    manifest = json.loads((db / "manifest.json").read_text())
-    if manifest["format_version"] >= 2:  # labels of this kind exist: pack only what is left
-        from metad2a_cli.meta.db import Database
-
-        done = {(r.task, r.cell) for r in Database(db).records()}
+    database = Database(db)
+    if database.manifest["format_version"] >= 2:  # labels of this kind exist: pack only what is left
+        done = {(r.task, r.cell) for r in database.records()}
         tasks = [t for t in tasks if any((t["id"], c) not in done for c in t["cells"])]
     chosen, per_source, size = [], {}, 0.0
     estimate = {}  # source -> compressed bytes per image, measured on its first task
@@ -85,8 +83,7 @@ def pack_tasks(db: Path, out: Path, budget: float) -> int:
                             names=np.array([names[i] for i in keep]))
     (out / "tasks.json").write_text(json.dumps(chosen))
     # The labels must be the database's kind: its schedule, read as this version reads it.
-    schedule = LabelSchedule.from_dict(manifest["settings"]["schedule"])
-    (out / "schedule.json").write_text(json.dumps(schedule.to_dict()))
+    (out / "schedule.json").write_text(json.dumps(database.schedule.to_dict()))
     return len(chosen)
 
 

@@ -205,6 +205,12 @@ class Database:
     # -- reading -------------------------------------------------------------------------------
 
     @property
+    def schedule(self) -> LabelSchedule:
+        """How the records were labelled, as this version reads it (a manifest from before a
+        field was recorded reads as what every label then used)."""
+        return LabelSchedule.from_dict(self.manifest["settings"]["schedule"])
+
+    @property
     def manifest(self) -> dict:
         if not self.path.exists():
             raise UserError(f"{self.path} does not exist")
@@ -344,7 +350,7 @@ class Database:
         return {
             "path": str(self.path),
             "encoder": manifest["encoder"]["identity"],
-            "schedule": LabelSchedule.from_dict(manifest["settings"]["schedule"]).to_dict(),
+            "schedule": self.schedule.to_dict(),
             "tasks": len(tasks),
             "tasks_complete": complete,
             "tasks_with_records": len(per_task),
