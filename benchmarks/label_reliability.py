@@ -58,6 +58,7 @@ def edge_ops(cell: str) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--db", type=Path, default=REPO / "databases/nb201")
+    ap.add_argument("--table", type=Path, default=REPO / "databases/nb201" / TABLE_FILE, help="the published accuracies")
     ap.add_argument("--fits", type=Path, default=REPO / "docs/heldout_fits.json")
     ap.add_argument("--recipe", default="fit/epochs10/seed0/crop-flip", help="held-out fits of this recipe (their key less the subsample size)")
     ap.add_argument("--out", type=Path)
@@ -69,7 +70,7 @@ def main() -> None:
     by_task = defaultdict(list)
     for r in db.records():
         by_task[r.task].append(r)
-    table = load_table(db_dir / TABLE_FILE)
+    table = load_table(args.table)
     published = np.full(NUM_CELLS, np.nan)
     published[table.codes] = table.accuracy
 
