@@ -54,10 +54,8 @@ def pack(out: Path, seeds: list[int]) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     fits = json.loads(FITS.read_text())
-    cells = {}
-    for name in SETS:
-        panel = [c for _, c in panel_cells()]
-        cells[name] = panel + sorted({r["cell"] for r in fits if r["set"] == name} - set(panel))
+    panel = [c for _, c in panel_cells()]
+    cells = {name: panel + sorted({r["cell"] for r in fits if r["set"] == name} - set(panel)) for name in SETS}
     (out / "heldout_cells.json").write_text(json.dumps(cells, indent=1))
     with tempfile.TemporaryDirectory() as tmp:
         for name, per_class in SETS.items():
@@ -142,12 +140,12 @@ def report(args) -> dict:
         if r["epochs"] != EPOCHS:  # a smoke run's
             continue
         runs.setdefault((r["set"], r["seed"], r["lr"], r["device"]), {})[r["cell"]] = r["accuracy"]
+    # The CPU fits of the runs' own recipes, found by their keys.
+    keyed = {(s, recipe_key(EPOCHS, seed, SETS[s], lr)): (s, seed, lr, "cpu") for s in SETS for seed, lr in RUNS}
     cpu: dict = {}
     for r in json.loads(FITS.read_text()):
-        for seed in range(3):
-            for lr in (0.1, 0.025):
-                if r["recipe"] == recipe_key(EPOCHS, seed, SETS[r["set"]], lr):
-                    cpu.setdefault((r["set"], seed, lr, "cpu"), {})[r["cell"]] = r["best_val_acc"]
+        if (r["set"], r["recipe"]) in keyed:
+            cpu.setdefault(keyed[r["set"], r["recipe"]], {})[r["cell"]] = r["best_val_acc"]
     rows = []
     for (set_name, seed, lr, device), acc in sorted(runs.items()):
         row = {"set": set_name, "seed": seed, "lr": lr, "device": device, "cells": len(acc),

@@ -86,6 +86,9 @@ def test_build_end_to_end_and_resume(sources, tmp_path):
     assert len(records) == 8 and all(0 <= r.accuracy <= 100 for r in records)
     info = db.info()
     assert info["tasks"] == 4 and info["tasks_complete"] == 4 and info["records"] == 8
+    assert info["draw"]["cells_per_task"] == 2 and "schedule" not in info["draw"]
+    sizes = [sum(map(len, t.train)) for t in db.tasks()]
+    assert info["train_images_per_task"] == {"min": min(sizes), "median": float(np.median(sizes)), "max": max(sizes)}
     manifest = db.manifest
     assert manifest["encoder"]["identity"].startswith("efficientnet_lite0")
     assert set(manifest["sources"]) == {"alpha", "beta"} and len(manifest["sources"]["alpha"]["hash"]) == 64
@@ -189,7 +192,11 @@ def test_cli_prints_a_bracketed_source_name_as_it_is(tmp_path, capsys):
     assert run(args) == 0
     assert "1 new records" in capsys.readouterr().out
     assert run(["db", "info", str(db)]) == 0
-    assert "sources    [bold]s: 1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "sources    [bold]s: 1" in out
+    # 3 classes of 8 images, 2 of each held out for validation
+    assert "draw       seed 0, 3-3 classes, at most 8 images a class, at least 0 a task, 1 cells a task" in out
+    assert "task size  18-18 training images (median 18)" in out
 
 
 @pytest.mark.parametrize(

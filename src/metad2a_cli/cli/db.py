@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
@@ -151,6 +152,12 @@ def info(
     console.print(f"database   {data['path']}", highlight=False)
     console.print(f"encoder    {data['encoder']}", highlight=False)
     console.print(f"tasks      {data['tasks']} drawn, {data['tasks_complete']} complete")
+    d, n = data["draw"], data["train_images_per_task"]
+    with contextlib.suppress(KeyError):  # a hand-made manifest may not say how its tasks were drawn
+        console.print(f"draw       seed {d['seed']}, {d['min_classes']}-{d['max_classes']} classes, at most "
+                      f"{d['images_per_class']} images a class, at least {d['min_task_images']} a task, "
+                      f"{d['cells_per_task']} cells a task", highlight=False)
+    console.print(f"task size  {n['min']}-{n['max']} training images (median {n['median']:g})", highlight=False)
     console.print(f"records    {data['records']} ({data['unique_cells']} distinct cells)")
     console.print("sources    " + ", ".join(f"{k}: {v}" for k, v in sorted(data["tasks_per_source"].items())))
     console.print("devices    " + ", ".join(f"{k}: {v}" for k, v in sorted(data["records_per_device"].items())), highlight=False)

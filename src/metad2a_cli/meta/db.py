@@ -160,13 +160,19 @@ def draw_tasks(folders: dict, settings: BuildSettings) -> list[Task]:
         upper = min(settings.max_classes, len(usable[name]))
         k = int(rng.integers(settings.min_classes, upper + 1))
         chosen = rng.choice(usable[name], size=k, replace=False).tolist()
-        held = sum(min(len(folder.files[i]), settings.images_per_class) for i in chosen)
+
+        def taken(i: int) -> int:  # images a task takes from class i
+            return min(len(folder.files[i]), settings.images_per_class)
+
+        held = sum(taken(i) for i in chosen)
+        # Only a task that falls short draws again from rng: every other task, and every
+        # database built with min_task_images 0, keeps the draw it always had.
         if held < settings.min_task_images:
             for i in rng.permutation(sorted(set(usable[name]) - set(chosen))).tolist():
                 if held >= settings.min_task_images:
                     break
                 chosen.append(i)
-                held += min(len(folder.files[i]), settings.images_per_class)
+                held += taken(i)
         chosen = sorted(chosen)
         train, val = [], []
         for i in chosen:
@@ -347,10 +353,16 @@ class Database:
             if per_task.get(t.id):
                 sources[t.source] = sources.get(t.source, 0) + 1
         size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        drawn = _as_now("settings", manifest["settings"])
+        train_images = np.array([sum(map(len, t.train)) for t in tasks]) if tasks else np.zeros(1, int)
         return {
             "path": str(self.path),
             "encoder": manifest["encoder"]["identity"],
             "schedule": self.schedule.to_dict(),
+            "draw": {k: v for k, v in drawn.items() if k != "schedule"},
+            "train_images_per_task": {
+                "min": int(train_images.min()), "median": float(np.median(train_images)), "max": int(train_images.max()),
+            },
             "tasks": len(tasks),
             "tasks_complete": complete,
             "tasks_with_records": len(per_task),
@@ -374,6 +386,7 @@ def _as_now(key: str, value):
     augmentation or learning rate was recorded trained with what every label then used, and
     settings from before ``min_task_images`` drew tasks without it."""
     if key == "settings" and isinstance(value, dict) and isinstance(value.get("schedule"), dict):
+        # 0, not the field's default: that is how those tasks were drawn, whatever the default becomes
         return {"min_task_images": 0, **value, "schedule": {**LEGACY_FIELDS, **value["schedule"]}}
     return value
 
