@@ -309,3 +309,13 @@ def test_info_counts_records_per_device_old_records_included(tmp_path, capsys):
     assert "devices    NVIDIA H100: 2, cpu: 1, unknown: 1" in out
     # A schedule from before augmentation and rate were recorded: what its labels trained with.
     assert "labels     1-epoch fits, C=16 N=5 32 px, augment crop-flip, peak lr 0.1\n" in out
+
+
+def test_a_record_names_the_precision_a_cpu_trained_in(monkeypatch):
+    from metad2a_cli.meta.db import device_name
+    from metad2a_cli.training import recipe
+
+    monkeypatch.setattr(recipe, "computes_bfloat16", lambda device: True)
+    assert device_name("cpu") == "cpu bfloat16"
+    monkeypatch.setattr(recipe, "computes_bfloat16", lambda device: False)
+    assert device_name("cpu") == "cpu"

@@ -18,7 +18,7 @@ from test_db import make_source
 
 from metad2a_cli.cli import run
 from metad2a_cli.errors import UserError
-from metad2a_cli.meta.db import BuildSettings, Database, build
+from metad2a_cli.meta.db import BuildSettings, Database, build, device_name
 from metad2a_cli.training.schedule import LabelSchedule
 
 SMALL = LabelSchedule(epochs=2, channels=2, cells_per_stage=1, input_size=16)
@@ -133,7 +133,7 @@ def test_ray_build_writes_the_local_build_records(cluster, sources, tmp_path, mo
     assert build(tmp_path / "ray", sources, settings(), runner=ray_runner()) == 18
     assert labels(tmp_path / "ray") == labels(tmp_path / "local")
     assert Database(tmp_path / "ray").tasks() == Database(tmp_path / "local").tasks()
-    assert Database(tmp_path / "ray").info()["records_per_device"] == {"cpu": 18}
+    assert Database(tmp_path / "ray").info()["records_per_device"] == {device_name("cpu"): 18}
     # ... and it resumes like one: nothing left to do.
     assert build(tmp_path / "ray", sources, settings(), runner=ray_runner()) == 0
 
