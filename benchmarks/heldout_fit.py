@@ -95,6 +95,12 @@ def load_results(path: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
+def device_name(device: str) -> str:
+    from metad2a_cli.meta.db import device_name as name
+
+    return name(device)
+
+
 def fit_cell(results: list[dict], results_path: Path, name: str, cell: str, args, listing: Path, tmp: str) -> dict:
     key = recipe_key(args.epochs, args.seed, SETS[name], args.lr)
     for r in results:
@@ -108,7 +114,7 @@ def fit_cell(results: list[dict], results_path: Path, name: str, cell: str, args
     entry = {
         "set": name, "cell": cell, "recipe": key, "best_val_acc": summary["best_val_acc"],
         "best_epoch": summary["best_epoch"], "num_train": summary["num_train"], "num_val": summary["num_val"],
-        "seconds": round(time.perf_counter() - t0, 1), "device": args.device,
+        "seconds": round(time.perf_counter() - t0, 1), "device": device_name(args.device),  # and its precision
     }
     results.append(entry)
     # Re-read before writing: fits of other sets may run at the same time into the same file.
