@@ -9,7 +9,9 @@ For gtsrb and fashion_mnist (never in a meta-training database) this trains, wit
 - the search's top-5 for the given weights (`metad2a search ROOT --top-k 5`).
 
 Every fit's result is kept in a JSON file keyed by (set, cell, recipe), so the panel is
-trained once and new weights only need their own picks trained. The report gives each
+trained once and new weights only need their own picks trained. The panel trained in
+float32; on a device that trains in bfloat16 (a GPU, a CPU with AVX512-BF16 or AMX) the
+recipe key says `/bf16`, and such fits are ranked only among each other. The report gives each
 pick's best validation accuracy, its rank among all trained cells of the set and its
 regret against the best of them.
 
@@ -86,9 +88,20 @@ def panel_cells() -> list[tuple[str, str]]:
     return chosen
 
 
-def recipe_key(epochs: int, seed: int, per_class: int, lr: float = LR) -> str:
+def recipe_key(epochs: int, seed: int, per_class: int, lr: float = LR, bf16: bool = False) -> str:
     rate = "" if lr == LR else f"/lr{lr:g}"  # fit's rate is left out, as the keys always had it
-    return f"fit/epochs{epochs}/seed{seed}/{AUGMENT}{rate}/{per_class}-per-class"
+    # The panel trained in float32: fits on a device that trains in bfloat16 are keyed apart,
+    # so that they are never ranked among the panel's.
+    precision = "/bf16" if bf16 else ""
+    return f"fit/epochs{epochs}/seed{seed}/{AUGMENT}{rate}{precision}/{per_class}-per-class"
+
+
+def trains_in_bf16(device: str) -> bool:
+    import torch
+
+    from metad2a_cli.training.recipe import computes_bfloat16
+
+    return computes_bfloat16(torch.device(device))
 
 
 def load_results(path: Path) -> list[dict]:
@@ -102,7 +115,7 @@ def device_name(device: str) -> str:
 
 
 def fit_cell(results: list[dict], results_path: Path, name: str, cell: str, args, listing: Path, tmp: str) -> dict:
-    key = recipe_key(args.epochs, args.seed, SETS[name], args.lr)
+    key = recipe_key(args.epochs, args.seed, SETS[name], args.lr, trains_in_bf16(args.device))
     for r in results:
         if r["set"] == name and r["cell"] == cell and r["recipe"] == key:
             return r
@@ -195,7 +208,8 @@ def main() -> None:
                 for _, cell in panel_cells():
                     fit_cell(results, args.results, name, cell, args, lists[name], tmp)
         for name in args.sets:
-            reports.append(report(results, name, picks[name], recipe_key(args.epochs, args.seed, SETS[name], args.lr)))
+            key = recipe_key(args.epochs, args.seed, SETS[name], args.lr, trains_in_bf16(args.device))
+            reports.append(report(results, name, picks[name], key))
             print(json.dumps(reports[-1], indent=1), flush=True)
     if args.report:
         args.report.write_text(json.dumps({"weights": args.weights or "packaged", "sets": reports}, indent=1) + "\n")
