@@ -10,6 +10,11 @@ what users get (held-out fits), next to the published table.
   fitted to the within-task standardised labels of every task, then its Spearman against the
   held-out fits of `docs/heldout_fits.json` (the fits are only read here, to evaluate);
   the published ImageNet16-120 table's Spearman against the same fits beside it.
+- What to expect of a task's agreement with the table: the same Spearman for the held-out
+  fits of the panel's 20 random cells, and its median over 10-cell subsets of them (a task
+  has 10 cells). A label is a fit, so it can agree with full training no better than `fit`
+  itself does in that regime. A task's `table_sd` is the spread of its cells' published
+  accuracies: the narrower, the lower a Spearman for the same noise.
 
     python benchmarks/label_reliability.py --db databases/nb201 --out docs/label_reliability.json
 
@@ -55,6 +60,25 @@ def edge_ops(cell: str) -> np.ndarray:
     return x
 
 
+def fit_vs_table(fits: list[dict], published: np.ndarray, subsets: int = 2000) -> dict:
+    """The table's Spearman against one set's fits of the panel's random cells, whole and
+    over random 10-cell subsets (seeded): what a task's agreement can reach."""
+    from heldout_fit import panel_cells
+
+    acc = {f["cell"]: f["best_val_acc"] for f in fits}
+    cells = [c for w, c in panel_cells() if w.startswith("random") and c in acc]
+    if len(cells) < 10:
+        return {}
+    x = np.array([acc[c] for c in cells])
+    y = published[[Cell.parse(c).code for c in cells]]
+    rng = np.random.default_rng(0)
+    sub = [spearman(y[i], x[i]) for i in (rng.choice(len(cells), 10, replace=False) for _ in range(subsets))]
+    return {"random_panel_cells": len(cells), "random_panel_table_spearman": round(spearman(y, x), 3),
+            "random_panel_table_spearman_10cell_median": round(float(np.median(sub)), 3),
+            "random_panel_table_spearman_10cell_sd": round(float(np.std(sub)), 3),
+            "random_panel_table_sd": round(float(np.std(y)), 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--db", type=Path, default=REPO / "databases/nb201")
@@ -86,6 +110,8 @@ def main() -> None:
             "records": len(acc), "label_sd": round(100 * spread**0.5, 2), "noise_sd": round(100 * noise**0.5, 2),
             "reliability": round(1 - noise / spread, 3) if spread else None,
             "table_spearman": round(spearman(published[codes], acc), 3),
+            "complete": len(acc) >= len(tasks[tid].cells),
+            "table_sd": round(float(np.std(published[[Cell.parse(c).code for c in tasks[tid].cells]])), 2),
         })
     if not rows:
         raise SystemExit(f"{db_dir}: no task has {MIN_RECORDS} records")
@@ -116,6 +142,7 @@ def main() -> None:
             "noise_sd": round(100 * float(np.mean([a / 100 * (1 - a / 100) for a in acc]) / got[0]["num_val"]) ** 0.5, 2),
             "labels_ridge_spearman": round(spearman([edge_ops(f["cell"]) @ w for f in got], acc), 3),
             "table_spearman": round(spearman([published[Cell.parse(f["cell"]).code] for f in got], acc), 3),
+            **fit_vs_table(got, published),
         }
 
     report = {
@@ -123,6 +150,9 @@ def main() -> None:
         "records": sum(r["records"] for r in rows), "tasks": len(rows),
         "median_reliability": statistics.median(r["reliability"] for r in rows),
         "median_table_spearman": statistics.median(r["table_spearman"] for r in rows),
+        "complete_tasks": sum(r["complete"] for r in rows),
+        "median_table_spearman_complete": round(statistics.median(r["table_spearman"] for r in rows if r["complete"]), 3)
+        if any(r["complete"] for r in rows) else None,
         "by_source": sources, "heldout_transfer": transfer, "tasks_detail": rows,
     }
     text = json.dumps(report, indent=1)
