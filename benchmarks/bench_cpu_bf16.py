@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
+from heldout_fit import LARGEST, RESNET
 from metad2a_cli.meta.db import Database, load_task_images, task_seed
-from metad2a_cli.nb201.cells import RESNET_CELL, Cell
+from metad2a_cli.nb201.cells import Cell
 from metad2a_cli.training import recipe
 from metad2a_cli.training.labels import label_cells
 
-LARGEST = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_3x3~0|nor_conv_3x3~1|nor_conv_3x3~2|"
 SHARED_IMAGES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "images"
 
 
@@ -58,7 +58,7 @@ def main() -> int:
     root = args.images / task.source
     train = load_task_images(root, task.train, schedule.input_size)
     val = load_task_images(root, task.val, schedule.input_size)
-    cells = {"resnet": RESNET_CELL, "largest": LARGEST, "task cell 0": task.cells[0]}
+    cells = {"resnet": RESNET, "largest": LARGEST, "task cell 0": task.cells[0]}
     native = recipe.computes_bfloat16
     seconds: dict = {(name, p): [] for name in cells for p in ("float32", "bfloat16")}
     curves: dict = {}

@@ -108,13 +108,9 @@ def load_results(path: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
-def device_name(device: str) -> str:
-    from metad2a_cli.meta.db import device_name as name
-
-    return name(device)
-
-
 def fit_cell(results: list[dict], results_path: Path, name: str, cell: str, args, listing: Path, tmp: str) -> dict:
+    from metad2a_cli.meta.db import device_name
+
     key = recipe_key(args.epochs, args.seed, SETS[name], args.lr, trains_in_bf16(args.device))
     for r in results:
         if r["set"] == name and r["cell"] == cell and r["recipe"] == key:

@@ -416,7 +416,7 @@ def device_name(device: str) -> str:
     dev = torch.device(device)
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    return f"{dev.type} bfloat16" if dev.type == "cpu" and computes_bfloat16(dev) else dev.type
+    return f"{dev.type} bfloat16" if computes_bfloat16(dev) else dev.type
 
 
 def task_seed(seed: int, task_id: str) -> int:
