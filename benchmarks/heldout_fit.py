@@ -51,11 +51,18 @@ LR = 0.1  # fit's default peak learning rate
 PANEL_SEED = 2026
 
 
-def metad2a(*args: str, device_env: dict | None = None) -> dict:
+# The CLI with bfloat16 switched off: the panel trained in float32, and a CPU that computes
+# bfloat16 would otherwise fit a new pick in another precision than the panel it is ranked in.
+FLOAT32_CLI = (
+    "import metad2a_cli.training.recipe as recipe; recipe.computes_bfloat16 = lambda device: False; "
+    "from metad2a_cli.cli import main; main()"
+)
+
+
+def metad2a(*args: str, device_env: dict | None = None, float32: bool = False) -> dict:
     env = dict(os.environ, **(device_env or {}))
-    out = subprocess.run(
-        [sys.executable, "-m", "metad2a_cli", *args, "--json"], check=True, stdout=subprocess.PIPE, text=True, env=env
-    )
+    cli = ["-c", FLOAT32_CLI] if float32 else ["-m", "metad2a_cli"]
+    out = subprocess.run([sys.executable, *cli, *args, "--json"], check=True, stdout=subprocess.PIPE, text=True, env=env)
     return json.loads(out.stdout)
 
 
@@ -96,7 +103,9 @@ def recipe_key(epochs: int, seed: int, per_class: int, lr: float = LR, bf16: boo
     return f"fit/epochs{epochs}/seed{seed}/{AUGMENT}{rate}{precision}/{per_class}-per-class"
 
 
-def trains_in_bf16(device: str) -> bool:
+def trains_in_bf16(device: str, float32: bool = False) -> bool:
+    if float32:
+        return False
     import torch
 
     from metad2a_cli.training.recipe import computes_bfloat16
@@ -111,19 +120,21 @@ def load_results(path: Path) -> list[dict]:
 def fit_cell(results: list[dict], results_path: Path, name: str, cell: str, args, listing: Path, tmp: str) -> dict:
     from metad2a_cli.meta.db import device_name
 
-    key = recipe_key(args.epochs, args.seed, SETS[name], args.lr, trains_in_bf16(args.device))
+    bf16 = trains_in_bf16(args.device, args.float32)
+    key = recipe_key(args.epochs, args.seed, SETS[name], args.lr, bf16)
     for r in results:
         if r["set"] == name and r["cell"] == cell and r["recipe"] == key:
             return r
     t0 = time.perf_counter()
     summary = metad2a(
         "fit", str(listing), "--arch", cell, "--epochs", str(args.epochs), "--seed", str(args.seed), "--augment", AUGMENT,
-        "--lr", str(args.lr), "--device", args.device, "-o", f"{tmp}/{name}-{len(results)}",
+        "--lr", str(args.lr), "--device", args.device, "-o", f"{tmp}/{name}-{len(results)}", float32=args.float32,
     )
     entry = {
         "set": name, "cell": cell, "recipe": key, "best_val_acc": summary["best_val_acc"],
         "best_epoch": summary["best_epoch"], "num_train": summary["num_train"], "num_val": summary["num_val"],
-        "seconds": round(time.perf_counter() - t0, 1), "device": device_name(args.device),  # and its precision
+        "seconds": round(time.perf_counter() - t0, 1),
+        "device": device_name(args.device) if bf16 else args.device,  # and its precision
     }
     results.append(entry)
     # Re-read before writing: fits of other sets may run at the same time into the same file.
@@ -175,6 +186,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=LR, help="peak learning rate of every fit")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--float32", action="store_true", help="fit in float32 where the device computes bfloat16 (to rank among the float32 panel)")
     ap.add_argument("--results", type=Path, default=REPO / "docs" / "heldout_fits.json")
     ap.add_argument("--report", type=Path, default=None)
     ap.add_argument("--card", type=Path, default=None, help="a checkpoint folder whose model card gets the results")
@@ -204,7 +216,7 @@ def main() -> None:
                 for _, cell in panel_cells():
                     fit_cell(results, args.results, name, cell, args, lists[name], tmp)
         for name in args.sets:
-            key = recipe_key(args.epochs, args.seed, SETS[name], args.lr, trains_in_bf16(args.device))
+            key = recipe_key(args.epochs, args.seed, SETS[name], args.lr, trains_in_bf16(args.device, args.float32))
             reports.append(report(results, name, picks[name], key))
             print(json.dumps(reports[-1], indent=1), flush=True)
     if args.report:
