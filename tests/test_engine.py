@@ -16,6 +16,9 @@ SIZES = ModelSizes(feature_dim=24, hidden=16, latent=12, heads=4)
 def models():
     torch.manual_seed(0)
     gen, pred = CellGenerator(SIZES).eval(), MetaPredictor(SIZES).eval()
+    with torch.no_grad():  # the edge term starts at zero, which would match anything
+        for p in pred.dataset_term.parameters():
+            p.normal_()
     weights = {f"generator.{k}": v.numpy() for k, v in gen.state_dict().items()}
     weights |= {f"predictor.{k}": v.numpy() for k, v in pred.state_dict().items()}
     return gen, pred, weights
@@ -66,11 +69,12 @@ def test_graph_encoder_and_scores_match(models):
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
     dataset = np.random.default_rng(0).standard_normal(SIZES.latent).astype(np.float32)
+    codes = torch.tensor([c.code for c in cells])
     for terms in [("table",), ("dataset",), ("table", "dataset")]:
         pred.terms = terms
         with torch.no_grad():
-            ref_scores = pred.score(torch.from_numpy(dataset).expand(len(cells), -1), torch.from_numpy(ref)).numpy()
-        np.testing.assert_allclose(engine.score(w, dataset, got, terms), ref_scores, atol=1e-5)
+            ref_scores = pred.score(torch.from_numpy(dataset).expand(len(cells), -1), torch.from_numpy(ref), codes).numpy()
+        np.testing.assert_allclose(engine.score(w, dataset, got, terms, codes.numpy()), ref_scores, atol=1e-5)
     pred.terms = ("table", "dataset")
 
 

@@ -17,7 +17,11 @@ SIZES = ModelSizes(feature_dim=32, hidden=16, latent=12, heads=4)
 def write_random_checkpoint(folder, seed=0, sizes=SIZES):
     torch.manual_seed(seed)
     state = {f"generator.{k}": v for k, v in CellGenerator(sizes).state_dict().items()}
-    state |= {f"predictor.{k}": v for k, v in MetaPredictor(sizes).state_dict().items()}
+    predictor = MetaPredictor(sizes)
+    with torch.no_grad():  # the edge term starts at zero: every dataset would rank alike
+        for p in predictor.dataset_term.parameters():
+            p.normal_()
+    state |= {f"predictor.{k}": v for k, v in predictor.state_dict().items()}
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / MODEL_FILE))
     config = {"format_version": 1, "model": sizes.to_dict(), "target": {"mean": 70.0, "std": 5.0}}

@@ -124,9 +124,9 @@ def _with_model(folder, checkpoint, change):
         model.write_bytes(b"not a safetensors file at all")
     else:
         arrays = load_file(str(model))
-        key = "predictor.head.0.weight"
+        key = "predictor.dataset_term.by_dataset.weight"
         if change == "renamed":
-            arrays["predictor.head.0.weights"] = arrays.pop(key)
+            arrays[key + "s"] = arrays.pop(key)
         else:
             arrays[key] = arrays[key][:, :-1].copy()
         save_file(arrays, str(model))

@@ -50,7 +50,9 @@ def load_models(ckpt: Checkpoint):
     for prefix, module in (("generator.", gen), ("predictor.", pred)):
         state = {k[len(prefix):]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith(prefix)}
         missing, unexpected = module.load_state_dict(state, strict=False)
-        # Checkpoints from before the table term have no prior.*; nothing else may be absent.
+        # Checkpoints from before the table term have no prior.*, and those from before the
+        # edge term carry the old MLP head (head.*) even when only the table scores.
+        unexpected = [k for k in unexpected if not (k.startswith("head.") and "dataset" not in terms)]
         if unexpected or any(not (k.startswith("prior.") and "table" not in terms) for k in missing):
             raise UserError(f"{ckpt.path}: model tensors do not match this metad2a ({missing or unexpected})")
         module.eval()

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ..nb201.cells import EDGES, OPS
 from ..nb201.graph import (
     INPUT_TYPE,
     NUM_NODE_TYPES,
@@ -134,12 +135,19 @@ def score(
             table = np.where(np.isnan(known), table, known)
         total = total + table
     if "dataset" in terms:
-        w1, b1 = w["predictor.head.0.weight"], w["predictor.head.0.bias"]
-        latent = dataset.shape[-1]
-        # The dataset half of the first layer is shared by every cell: compute it once.
-        hidden = graphs @ w1[:, latent:].T + (dataset @ w1[:, :latent].T + b1)
-        total = total + (np.tanh(hidden) @ w["predictor.head.2.weight"].T + w["predictor.head.2.bias"])[:, 0]
+        if codes is None:
+            raise ValueError("the dataset term scores cells by their codes")
+        unit = dataset / max(float(np.linalg.norm(dataset)), 1e-12)  # as F.normalize
+        edges = w["predictor.dataset_term.shared"] + w["predictor.dataset_term.by_dataset.weight"] @ unit  # (30,)
+        total = total + edges[_edge_op_columns(codes)].sum(-1)
     return total
+
+
+def _edge_op_columns(codes: np.ndarray) -> np.ndarray:
+    """(N,) Cell.code -> (N, 6) the column of each edge's operation, as models.edge_term."""
+    n_ops, n_edges = len(OPS), len(EDGES)
+    place = n_ops ** np.arange(n_edges - 1, -1, -1)
+    return codes[:, None] // place % n_ops + n_ops * np.arange(n_edges)
 
 
 # -- generator ------------------------------------------------------------------------------

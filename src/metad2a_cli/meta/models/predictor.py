@@ -1,8 +1,8 @@
 """MetaD2A's meta-performance predictor: (dataset, cell) -> predicted accuracy.
 
 The score is the sum of the terms a checkpoint was trained with: ``table``, a
-dataset-independent term of the cell alone, and ``dataset``, MetaD2A's term of the dataset
-and the cell together (learned from the database's tasks). Scores are standardised
+dataset-independent term of the cell alone, and ``dataset``, a term of the dataset and the
+cell together, learned from the database's tasks (edge_term.py). Scores are standardised
 accuracies.
 
 The table term is the published full-training accuracy itself for every cell the table
@@ -19,6 +19,7 @@ from torch import nn
 from ...nb201.cells import NUM_CELLS
 from ..sizes import ModelSizes
 from .dag_gru import DagGRU
+from .edge_term import EdgeOpTerm, codes_of
 from .set_encoder import SetEncoder
 
 
@@ -51,9 +52,8 @@ class MetaPredictor(nn.Module):
         self.set_encoder = SetEncoder(sizes.feature_dim, sizes.latent, sizes.heads)
         self.graph_encoder = GraphEncoder(sizes.hidden, sizes.latent)
         self.prior = nn.Sequential(nn.Linear(sizes.latent, sizes.hidden), nn.Tanh(), nn.Linear(sizes.hidden, 1))
-        self.head = nn.Sequential(
-            nn.Linear(2 * sizes.latent, sizes.hidden), nn.Tanh(), nn.Linear(sizes.hidden, 1)
-        )
+        if "dataset" in self.terms:
+            self.dataset_term = EdgeOpTerm(sizes.latent)
         if "table" in self.terms:
             # (15625,) standardised published accuracy by Cell.code; NaN where the table has none
             self.register_buffer("table_z", torch.full((NUM_CELLS,), float("nan")))
@@ -81,20 +81,23 @@ class MetaPredictor(nn.Module):
         known = self.table_z[codes]
         return torch.where(torch.isnan(known), learned, known)
 
-    def dataset_score(self, dataset: torch.Tensor, graphs: torch.Tensor) -> torch.Tensor:
-        """dataset (B, latent) and cell embeddings (B, latent) -> (B,) scores."""
-        return self.head(torch.cat([dataset, graphs], dim=-1)).squeeze(-1)
+    def dataset_score(self, dataset: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """dataset (B, latent) and cells' Cell.code (B,) -> (B,) scores."""
+        return self.dataset_term(dataset, codes)
 
     def score(self, dataset: torch.Tensor, graphs: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
         """The sum of the trained terms: dataset (B, latent), cells (B, latent) -> (B,);
-        ``codes`` (B,) the cells' Cell.code, to use the table where it lists them."""
+        ``codes`` (B,) the cells' Cell.code, to use the table where it lists them (the
+        dataset term needs them)."""
         total = self.table_score(graphs, codes) if "table" in self.terms else 0.0
         if "dataset" in self.terms:
-            total = total + self.dataset_score(dataset, graphs)
+            if codes is None:
+                raise ValueError("the dataset term scores cells by their codes")
+            total = total + self.dataset_score(dataset, codes)
         return total
 
     def forward(
         self, features: torch.Tensor, mask: torch.Tensor, types_one_hot: torch.Tensor
     ) -> torch.Tensor:
         # One dataset per cell: features (B, K, M, F), mask (B, K, M), cells (B, 8, 7) -> (B,)
-        return self.score(self.set_encoder(features, mask), self.graph_encoder(types_one_hot))
+        return self.score(self.set_encoder(features, mask), self.graph_encoder(types_one_hot), codes_of(types_one_hot))
