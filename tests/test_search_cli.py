@@ -50,6 +50,16 @@ def test_checkpoint_round_trip(checkpoint):
     assert all(torch.equal(a, b) for a, b in zip(gen.state_dict().values(), ref.state_dict().values()))
 
 
+def test_packaged_table_weights_load_into_the_torch_models():
+    from metad2a_cli.meta.weights import Checkpoint, packaged_weights_dir
+
+    folder = packaged_weights_dir()
+    # Trained before the edge term, they still carry the old MLP head's tensors.
+    _, pred = load_models(Checkpoint(folder, load_checkpoint_config(folder), "packaged"))
+    assert pred.terms == ("table",) and not hasattr(pred, "dataset_term")
+    assert not torch.isnan(pred.table_z).any()
+
+
 def test_search_table_saves_run(checkpoint, images, capsys):
     assert run(["search", str(images), "--weights", str(checkpoint), "--num-candidates", "50", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
