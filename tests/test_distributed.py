@@ -201,9 +201,12 @@ def test_killed_driver_resumes_with_the_same_command(cluster, sources, tmp_path)
 @pytest.mark.slow
 def test_ctrl_c_stops_the_cluster_work(cluster, sources, tmp_path):
     db_path = tmp_path / "db"
-    # Its own process group, as a terminal's Ctrl-C reaches every process of the command.
+    # Its own process group, as a terminal's Ctrl-C reaches every process of the command; and
+    # Ctrl-C's default action, which a test run started in the background (nohup, `&`) would
+    # otherwise pass down as "ignored", so that the build never saw it.
     proc = subprocess.Popen(cli_build(db_path, sources, cluster), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_records(db_path / "records-0of1.jsonl", 1, proc)
     os.killpg(proc.pid, signal.SIGINT)
     err = proc.communicate(timeout=60)[1]
