@@ -137,6 +137,10 @@ def _with_model(folder, checkpoint, change):
         key = "predictor.dataset_term.by_dataset.weight"
         if change == "renamed":
             arrays[key + "s"] = arrays.pop(key)
+        elif change == "older head":  # as trained before the edge term: an MLP over (dataset, cell)
+            for k in [k for k in arrays if k.startswith("predictor.dataset_term.")]:
+                del arrays[k]
+            arrays["predictor.head.0.weight"] = np.zeros((16, 24), dtype=np.float32)
         else:
             arrays[key] = arrays[key][:, :-1].copy()
         save_file(arrays, str(model))
@@ -153,6 +157,19 @@ def test_weights_that_pass_the_hash_but_not_the_model(checkpoint, images, tmp_pa
     err = capsys.readouterr().err
     assert err.startswith(f"error: {weights / 'model.safetensors'} ") and err.count("\n") == 1
     assert "config.json" in err or "safetensors" in err
+
+
+def test_weights_with_the_older_dataset_head_say_so(checkpoint, images, tmp_path, capsys):
+    from metad2a_cli.errors import UserError
+    from metad2a_cli.meta.weights import Checkpoint
+
+    weights = _with_model(tmp_path / "w", checkpoint, "older head")
+    assert run(["search", str(images), "--weights", str(weights), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {weights / 'model.safetensors'} ") and err.count("\n") == 1
+    assert "older metad2a's dataset term" in err and "metad2a train" in err
+    with pytest.raises(UserError, match="older metad2a's dataset term"):
+        load_models(Checkpoint(weights, load_checkpoint_config(weights), "local"))
 
 
 def test_search_options_are_checked_before_encoding(checkpoint, images, capsys, monkeypatch):

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .search import MODEL_FILE
+from .search import MODEL_FILE, OLDER_DATASET_TERM, older_dataset_term
 from .sizes import ModelSizes
 from .weights import Checkpoint, write_checkpoint
 
@@ -46,6 +46,8 @@ def load_models(ckpt: Checkpoint):
     sizes = ModelSizes.from_dict(ckpt.config["model"])
     arrays = ckpt.arrays(MODEL_FILE)
     terms = tuple(ckpt.config.get("predictor", {}).get("terms", ["dataset"]))
+    if older_dataset_term(arrays, terms):
+        raise UserError(f"{ckpt.path / MODEL_FILE} {OLDER_DATASET_TERM}")
     gen, pred = CellGenerator(sizes), MetaPredictor(sizes, terms)
     for prefix, module in (("generator.", gen), ("predictor.", pred)):
         state = {k[len(prefix):]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith(prefix)}

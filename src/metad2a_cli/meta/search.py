@@ -57,6 +57,18 @@ class SearchResult:
         return asdict(self)
 
 
+def older_dataset_term(names, terms: Sequence[str]) -> bool:
+    """Weights trained before the edge-operation term scored the dataset with an MLP head
+    (``predictor.head.*``), which this version cannot read."""
+    names = set(names)
+    return "dataset" in terms and "predictor.dataset_term.shared" not in names and any(
+        n.startswith("predictor.head.") for n in names
+    )
+
+
+OLDER_DATASET_TERM = "holds an older metad2a's dataset term (an MLP head), which this version does not read; train the weights again with `metad2a train`"
+
+
 def check_options(top_k: int, num_candidates: int, seed: int) -> None:
     for flag, value, lowest in (("--top-k", top_k, 1), ("--num-candidates", num_candidates, 1), ("--seed", seed, 0)):
         if value < lowest:
@@ -99,6 +111,8 @@ class SearchModel:
         except Exception as err:  # safetensors raises several types for a damaged file
             raise UserError(f"{path} is not a readable safetensors file ({err})") from err
         terms = config.get("predictor", {}).get("terms", ["dataset"])
+        if older_dataset_term(weights, terms):
+            raise UserError(f"{path} {OLDER_DATASET_TERM}")
         model = cls(weights, sizes, identity, config.get("target"), terms)
         model._probe(path)
         return model
