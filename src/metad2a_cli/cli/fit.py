@@ -49,7 +49,7 @@ def fit(
 
     Examples:
       metad2a search ./my_images && metad2a fit ./my_images -o runs/mine
-      metad2a fit ./my_images --arch 1462 --epochs 50 --augment crop-flip -o runs/resnet
+      metad2a fit ./my_images --arch 11472 --epochs 50 --augment crop-flip -o runs/resnet
       metad2a fit --resume -o runs/mine
       metad2a fit ./my_images --run last --top-k 4 -o runs/top4 && metad2a export --from-fit runs/top4 -o best.onnx
     """
