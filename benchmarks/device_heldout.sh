@@ -8,6 +8,8 @@
 #   python benchmarks/gpu_heldout.py run --device cpu --smoke --out /tmp/smoke
 # On the device machine (device tool, carry [".gpu-heldout"], timeout_s 600):
 #   bash benchmarks/device_heldout.sh
+# or, for the panel at fit's default 30 epochs (docs/generalization.md, "At fit's default budget"):
+#   HELDOUT_ARGS="--epochs 30 --rates 0.1" bash benchmarks/device_heldout.sh
 # (the tracked tree, about 43 MB, and .gpu-heldout, about 20 MB, fit the 64 MiB it carries)
 # Back here, with the run's files:
 #   python benchmarks/gpu_heldout.py report FILES_AT --report docs/heldout_gpu.json
@@ -18,4 +20,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?the device tool sets OUT}"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
-PYTHONPATH=src python3 benchmarks/gpu_heldout.py run --pack .gpu-heldout --out "$OUT" --deadline "${DEADLINE:-480}"
+PYTHONPATH=src python3 benchmarks/gpu_heldout.py run --pack .gpu-heldout --out "$OUT" --deadline "${DEADLINE:-480}" ${HELDOUT_ARGS:-}

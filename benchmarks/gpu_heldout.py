@@ -11,6 +11,7 @@ and schedule (a test holds them equal), so on a GPU the cells of a set train tog
     python benchmarks/gpu_heldout.py pack                 # here: subsamples, split as fit splits
     python benchmarks/gpu_heldout.py run --out $OUT       # on the device (device_heldout.sh)
     python benchmarks/gpu_heldout.py report FILES_AT --report docs/heldout_gpu.json
+    python benchmarks/gpu_heldout.py run --out $OUT --epochs 30 --rates 0.1   # fit's default budget
 
 `pack` writes into `.gpu-heldout/` each set's subsample for each seed
 (heldout_fit's subsample for that seed, split by fit's rule with that seed, decoded at 32
@@ -83,9 +84,10 @@ def run(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     done = set()
     if path.is_file():
-        done = {(r["set"], r["seed"], r["lr"], r["cell"]) for r in map(json.loads, path.read_text().splitlines())}
+        done = {(r["set"], r["seed"], r["lr"], r["epochs"], r["cell"]) for r in map(json.loads, path.read_text().splitlines())}
     slowest = 0.0
-    for seed, lr in RUNS:
+    epochs = 1 if args.smoke else args.epochs
+    for seed, lr in [(s, lr) for s, lr in RUNS if lr in args.rates]:
         for set_name in SETS:
             data = args.pack / f"heldout-{set_name}-seed{seed}.npz"
             if not data.is_file():
@@ -93,11 +95,11 @@ def run(args) -> None:
             arrays = np.load(data)
             train = LabeledImages(arrays["train_x"], arrays["train_y"])
             val = LabeledImages(arrays["val_x"], arrays["val_y"])
-            todo = [c for c in cells[set_name] if (set_name, seed, lr, c) not in done]
+            todo = [c for c in cells[set_name] if (set_name, seed, lr, epochs, c) not in done]
             if args.smoke:
                 train = LabeledImages(train.images[:80], train.labels[:80])
                 todo = todo[:2]
-            schedule = LabelSchedule(epochs=1 if args.smoke else EPOCHS, augment=AUGMENT, lr=lr)
+            schedule = LabelSchedule(epochs=epochs, augment=AUGMENT, lr=lr)
             for i in range(0, len(todo), args.chunk):
                 if time.perf_counter() - t_start + slowest > args.deadline:
                     print(f"out of time at seed {seed}, lr {lr:g}, {set_name}", flush=True)
@@ -137,11 +139,11 @@ def report(args) -> dict:
     picks = {s["set"]: [p["cell"] for p in s["picks"]] for s in json.loads(EVAL.read_text())["sets"]}
     runs: dict = {}
     for r in records:
-        if r["epochs"] != EPOCHS:  # a smoke run's
+        if r["epochs"] != args.epochs:  # another budget's, or a smoke run's
             continue
         runs.setdefault((r["set"], r["seed"], r["lr"], r["device"]), {})[r["cell"]] = r["accuracy"]
     # The CPU fits of the runs' own recipes, found by their keys.
-    keyed = {(s, recipe_key(EPOCHS, seed, SETS[s], lr)): (s, seed, lr, "cpu") for s in SETS for seed, lr in RUNS}
+    keyed = {(s, recipe_key(args.epochs, seed, SETS[s], lr)): (s, seed, lr, "cpu") for s in SETS for seed, lr in RUNS}
     cpu: dict = {}
     for r in json.loads(FITS.read_text()):
         if (r["set"], r["recipe"]) in keyed:
@@ -164,7 +166,7 @@ def report(args) -> dict:
                     acc[c] - other[c] for c in both), 2), "higher": sum(acc[c] > other[c] for c in both),
                     "spearman": round(spearman([acc[c] for c in both], [other[c] for c in both]), 3)}
         rows.append(row)
-    out = {"epochs": EPOCHS, "augment": AUGMENT, "sets": {k: f"{v} images a class" for k, v in SETS.items()},
+    out = {"epochs": args.epochs, "augment": AUGMENT, "sets": {k: f"{v} images a class" for k, v in SETS.items()},
            "picks": "docs/heldout_eval.json (packaged weights, search seed 0)", "runs": rows}
     if args.report:
         args.report.write_text(json.dumps(out, indent=1) + "\n")
@@ -184,9 +186,12 @@ def main() -> int:
     r.add_argument("--chunk", type=int, default=16, help="cells trained together (labels do not depend on it)")
     r.add_argument("--deadline", type=float, default=480.0, help="seconds from start; no group starts that would end after")
     r.add_argument("--smoke", action="store_true", help="2 cells, 80 images, 1 epoch per set and run: checks the script")
+    r.add_argument("--epochs", type=int, default=EPOCHS, help="fit's budget; 30 is fit's default (3x the time a fit)")
+    r.add_argument("--rates", type=float, nargs="+", default=sorted({lr for _, lr in RUNS}), help="peak rates to fit at")
     q = sub.add_parser("report")
     q.add_argument("runs", type=Path, nargs="+", help="folders holding a run's heldout.jsonl")
     q.add_argument("--report", type=Path)
+    q.add_argument("--epochs", type=int, default=EPOCHS, help="report the runs at this budget")
     args = ap.parse_args()
     if args.what == "pack":
         pack(args.out, args.seeds)
