@@ -28,7 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from label_reliability import MIN_RECORDS, edge_ops, standardise
+from label_reliability import MIN_RECORDS, edge_ops, published_accuracy, standardise
 
 from metad2a_cli.meta.db import Database
 from metad2a_cli.meta.table import TABLE_FILE, load_table
@@ -45,6 +45,21 @@ TRUST = NUM_CELLS // 100
 
 def ridge(x: np.ndarray, y: np.ndarray, penalty: float) -> np.ndarray:
     return np.linalg.solve(x.T @ x + penalty * np.eye(x.shape[1]), x.T @ y)
+
+
+def task_arrays(by_task: dict[str, list], table_z: np.ndarray) -> tuple[dict, dict, dict]:
+    """Per task: edge-operation one-hots (n, 30), z-scored labels (n,) and the table's z (n,)."""
+    x = {t: np.array([edge_ops(r.cell) for r in rs]) for t, rs in by_task.items()}
+    y = {t: standardise([r.accuracy for r in rs]) for t, rs in by_task.items()}
+    base = {t: table_z[[Cell.parse(r.cell).code for r in rs]] for t, rs in by_task.items()}
+    return x, y, base
+
+
+def residual_term(x: dict, y: dict, base: dict, tasks: list[str], penalty: float) -> np.ndarray:
+    """The dataset term's shared part: (30,) edge weights fitted to what the table misses
+    within each of ``tasks`` (labels minus the task-centred table)."""
+    target = [y[t] - (base[t] - base[t].mean()) for t in tasks]
+    return ridge(np.concatenate([x[t] for t in tasks]), np.concatenate(target), penalty)
 
 
 def summary(rho: list[float], top: list[float]) -> dict:
@@ -66,18 +81,14 @@ def main() -> None:
     for r in db.records():
         by_task[r.task].append(r)
     tasks = sorted(t for t, rs in by_task.items() if len(rs) >= MIN_RECORDS)
-    table = load_table(args.db / TABLE_FILE)
-    published = np.full(NUM_CELLS, np.nan)
-    published[table.codes] = table.accuracy
+    published = published_accuracy(load_table(args.db / TABLE_FILE))
     table_z = (published - np.nanmean(published)) / np.nanstd(published)
-
-    x = {t: np.array([edge_ops(r.cell) for r in by_task[t]]) for t in tasks}
-    y = {t: standardise([r.accuracy for r in by_task[t]]) for t in tasks}
-    base = {t: table_z[[Cell.parse(r.cell).code for r in by_task[t]]] for t in tasks}
+    x, y, base = task_arrays({t: by_task[t] for t in tasks}, table_z)
 
     def fit(train: list[str], penalty: float, residual: bool) -> np.ndarray:
-        target = [y[t] - (base[t] - base[t].mean() if residual else 0.0) for t in train]
-        return ridge(np.concatenate([x[t] for t in train]), np.concatenate(target), penalty)
+        if residual:
+            return residual_term(x, y, base, train, penalty)
+        return ridge(np.concatenate([x[t] for t in train]), np.concatenate([y[t] for t in train]), penalty)
 
     def left_out(groups: dict[str, list[str]], score) -> dict:
         rho, top = [], []

@@ -33,25 +33,18 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from edge_term_loto import ridge
-from label_reliability import edge_ops, standardise
+from edge_term_loto import residual_term, task_arrays
+from label_reliability import edge_ops, published_accuracy
 
 from metad2a_cli.atomic import atomic_paths
 from metad2a_cli.meta.db import BuildSettings, Database, device_name, load_task_images, task_seed
 from metad2a_cli.meta.table import TABLE_FILE, load_table
 from metad2a_cli.meta.train import EDGE_RIDGE, spearman
-from metad2a_cli.nb201.cells import NUM_CELLS, Cell
+from metad2a_cli.nb201.cells import Cell
 from metad2a_cli.training.labels import label_cells
 
 REPO = Path(__file__).resolve().parents[1]
 COMPLETE = 10  # a task's cells when its build finished
-
-
-def published(db: Database) -> np.ndarray:
-    table = load_table(db.path / TABLE_FILE)
-    acc = np.full(NUM_CELLS, np.nan)
-    acc[table.codes] = table.accuracy
-    return acc
 
 
 def curve_agreement(records: list, table: np.ndarray) -> list[dict]:
@@ -72,18 +65,12 @@ def curve_agreement(records: list, table: np.ndarray) -> list[dict]:
 def edge_term_without(records: list, table: np.ndarray, task: str) -> np.ndarray:
     """The dataset term's shared part (edge_term_loto.py) fitted on every complete task's
     records but ``task``'s: (30,) weights added to the table's z-score."""
-    z = (table - np.nanmean(table)) / np.nanstd(table)
     by_task = defaultdict(list)
     for r in records:
         by_task[r.task].append(r)
-    x, y = [], []
-    for tid, rs in by_task.items():
-        if tid == task or len(rs) < COMPLETE:
-            continue
-        base = z[[Cell.parse(r.cell).code for r in rs]]
-        x.append([edge_ops(r.cell) for r in rs])
-        y.append(standardise([r.accuracy for r in rs]) - (base - base.mean()))
-    return ridge(np.concatenate(x), np.concatenate(y), EDGE_RIDGE)
+    others = [t for t, rs in by_task.items() if t != task and len(rs) >= COMPLETE]
+    x, y, base = task_arrays({t: by_task[t] for t in others}, (table - np.nanmean(table)) / np.nanstd(table))
+    return residual_term(x, y, base, others, EDGE_RIDGE)
 
 
 def compare(task, base: dict, longer: dict, table: np.ndarray, term: np.ndarray) -> dict:
@@ -108,7 +95,7 @@ def compare(task, base: dict, longer: dict, table: np.ndarray, term: np.ndarray)
 
 
 def report(db: Database, settings: BuildSettings, records: list, labels: list[dict]) -> dict:
-    table = published(db)
+    table = published_accuracy(load_table(db.path / TABLE_FILE))
     tasks = {t.id: t for t in db.tasks()}
     base = defaultdict(dict)
     for r in records:

@@ -52,6 +52,13 @@ def sampling_noise(acc: np.ndarray, n_val: int) -> float:
     return float(np.mean(acc * (1 - acc)) / n_val)
 
 
+def published_accuracy(table) -> np.ndarray:
+    """(15625,) a PublishedTable's accuracy by Cell.code, NaN where it lists none."""
+    acc = np.full(NUM_CELLS, np.nan)
+    acc[table.codes] = table.accuracy
+    return acc
+
+
 def edge_ops(cell: str) -> np.ndarray:
     """(edges * ops,) one-hot of the operation on each edge."""
     ops = Cell.parse(cell).ops
@@ -94,9 +101,7 @@ def main() -> None:
     by_task = defaultdict(list)
     for r in db.records():
         by_task[r.task].append(r)
-    table = load_table(args.table)
-    published = np.full(NUM_CELLS, np.nan)
-    published[table.codes] = table.accuracy
+    published = published_accuracy(load_table(args.table))
 
     rows = []
     for tid in sorted(t for t, rs in by_task.items() if len(rs) >= MIN_RECORDS):
