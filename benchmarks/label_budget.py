@@ -31,6 +31,7 @@ import time
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from edge_term_loto import residual_term, task_arrays
@@ -129,6 +130,22 @@ def report(db: Database, settings: BuildSettings, records: list, labels: list[di
     }
 
 
+def locked_update(out: Path, new: dict | None, summarise: Callable[[list[dict]], dict]) -> dict:
+    """Add ``new`` to the labels ``out`` holds and write it again as ``summarise(labels)``.
+    Other shares write the same file: read, add and write happen under a lock on its folder
+    (a lock that leaves no file behind)."""
+    folder = os.open(out.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        labels = json.loads(out.read_text())["labels"] if out.exists() else []
+        result = summarise(labels + ([new] if new else []))
+        with atomic_paths(out) as [tmp]:
+            tmp.write_text(json.dumps(result, indent=1) + "\n")
+    finally:
+        os.close(folder)
+    return result
+
+
 def _median(values) -> float | None:
     values = list(values)
     return round(statistics.median(values), 3) if values else None
@@ -163,20 +180,10 @@ def main() -> None:
     mine = args.tasks[i::n]
 
     def labels_now() -> list[dict]:
-        # Another share may have written since: read, add ours, write back (under a lock).
         return json.loads(args.out.read_text())["labels"] if args.out.exists() else []
 
     def save(new: dict | None) -> dict:
-        folder = os.open(args.out.parent, os.O_RDONLY)  # the lock: no file is left behind
-        try:
-            fcntl.flock(folder, fcntl.LOCK_EX)
-            labels = labels_now() + ([new] if new else [])
-            result = report(db, settings, records, labels)
-            with atomic_paths(args.out) as [tmp]:
-                tmp.write_text(json.dumps(result, indent=1) + "\n")
-        finally:
-            os.close(folder)
-        return result
+        return locked_update(args.out, new, lambda labels: report(db, settings, records, labels))
 
     dev, name = torch.device(args.device), device_name(args.device)
     if not args.report_only:
