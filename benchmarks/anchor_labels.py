@@ -96,7 +96,7 @@ def compare(records: list[Record], anchors: list[dict], table: np.ndarray, again
     labels = defaultdict(dict)  # task -> cell -> accuracy
     for a in anchors:
         labels[a["task"]][a["cell"]] = a["accuracy"]
-    rows, z_by_cell = [], defaultdict(list)
+    rows, z_by_cell = [], defaultdict(dict)  # cell -> task -> z
     for tid in sorted(labels):
         drawn = np.array([r.accuracy for r in complete[tid]])
         term = residual_term(x, y, base, [t for t in complete if t != tid], EDGE_RIDGE)
@@ -108,21 +108,22 @@ def compare(records: list[Record], anchors: list[dict], table: np.ndarray, again
                    "predicted": round(float(table_z[Cell.parse(cell).code] + edge_ops(cell) @ term), 3)}
             if against_drawn:
                 z = (acc - drawn.mean()) / (drawn.std() or 1.0)
-                z_by_cell[cell].append(z)
+                z_by_cell[cell][tid] = z
                 got.update(z=round(float(z), 3), beats_drawn=int(np.sum(drawn < acc)))
             row["anchors"][str(Cell.parse(cell).index)] = got
         rows.append(row)
     cells = sorted({c for t in labels.values() for c in t}, key=lambda c: Cell.parse(c).index)
+    # Means over the tasks that hold every anchor, so that the anchors' means compare.
+    full = [t for t in labels if len(labels[t]) == len(cells)]
     per_anchor = {}
-    for c in cells:
-        accs = [labels[t][c] for t in labels if c in labels[t]]
-        per_anchor[str(Cell.parse(c).index)] = {
-            "cell": c, "tasks": len(accs), "mean_accuracy": round(statistics.mean(accs), 2),
+    for c in cells if full else []:
+        got = per_anchor[str(Cell.parse(c).index)] = {
+            "cell": c, "tasks": len(full), "mean_accuracy": round(statistics.mean(labels[t][c] for t in full), 2),
             "table_accuracy": round(float(table[Cell.parse(c).code]), 2),
         }
-        if z_by_cell[c]:
-            per_anchor[str(Cell.parse(c).index)].update(
-                mean_z=round(float(np.mean(z_by_cell[c])), 3), median_z=round(float(np.median(z_by_cell[c])), 3))
+        if against_drawn:
+            z = [z_by_cell[c][t] for t in full]
+            got.update(mean_z=round(float(np.mean(z)), 3), median_z=round(float(np.median(z)), 3))
     pairs = {}
     for a, b in itertools.combinations(cells, 2):
         ia, ib = str(Cell.parse(a).index), str(Cell.parse(b).index)
