@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 from edge_term_loto import residual_term, task_arrays
-from label_budget import COMPLETE, locked_update
+from label_budget import COMPLETE, locked_update, read_labels
 from label_reliability import edge_ops, published_accuracy
 
 from metad2a_cli.meta.db import BuildSettings, Database, Record, WorkUnit, label_unit
@@ -174,19 +174,19 @@ def main() -> None:
         raise SystemExit(f"no such task in {args.db}: {', '.join(missing)}")
     cells = [str(Cell.from_index(int(c))) if c.isdigit() else str(Cell.parse(c)) for c in args.cells]
     i, n = (int(x) for x in args.share.split("/"))
-    drawn = {(r.task, r.cell): r for r in records}
+    # At the database's budget a drawn cell's record is that label already.
+    drawn = {(r.task, r.cell): r for r in records} if epochs == settings.schedule.epochs else {}
 
     def save(new: dict | None) -> dict:
         return locked_update(args.out, new, lambda labels: report(records, labels, table, settings.schedule.epochs))
 
     if not args.report_only:
         for tid in order[i::n]:
-            have = {(a["task"], a["cell"]) for a in save(None)["labels"] if a.get("epochs", settings.schedule.epochs) == epochs}
-            # At the database's budget a drawn cell's record is that label already.
+            have = {(a["task"], a["cell"]) for a in read_labels(args.out) if a.get("epochs", settings.schedule.epochs) == epochs}
             for cell in cells:
-                if (tid, cell) in drawn and (tid, cell) not in have and epochs == settings.schedule.epochs:
+                if (tid, cell) in drawn and (tid, cell) not in have:
                     save({**asdict(drawn[(tid, cell)]), "epochs": epochs})
-            todo = tuple(c for c in cells if (tid, c) not in have and ((tid, c) not in drawn or epochs != settings.schedule.epochs))
+            todo = tuple(c for c in cells if (tid, c) not in have and (tid, c) not in drawn)
             if not todo:
                 continue
             unit = WorkUnit(tasks[tid], args.sources / tasks[tid].source, todo)

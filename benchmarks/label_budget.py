@@ -130,6 +130,10 @@ def report(db: Database, settings: BuildSettings, records: list, labels: list[di
     }
 
 
+def read_labels(out: Path) -> list[dict]:
+    return json.loads(out.read_text())["labels"] if out.exists() else []
+
+
 def locked_update(out: Path, new: dict | None, summarise: Callable[[list[dict]], dict]) -> dict:
     """Add ``new`` to the labels ``out`` holds and write it again as ``summarise(labels)``.
     Other shares write the same file: read, add and write happen under a lock on its folder
@@ -137,8 +141,7 @@ def locked_update(out: Path, new: dict | None, summarise: Callable[[list[dict]],
     folder = os.open(out.parent, os.O_RDONLY)
     try:
         fcntl.flock(folder, fcntl.LOCK_EX)
-        labels = json.loads(out.read_text())["labels"] if out.exists() else []
-        result = summarise(labels + ([new] if new else []))
+        result = summarise(read_labels(out) + ([new] if new else []))
         with atomic_paths(out) as [tmp]:
             tmp.write_text(json.dumps(result, indent=1) + "\n")
     finally:
@@ -179,9 +182,6 @@ def main() -> None:
     i, n = (int(x) for x in args.share.split("/"))
     mine = args.tasks[i::n]
 
-    def labels_now() -> list[dict]:
-        return json.loads(args.out.read_text())["labels"] if args.out.exists() else []
-
     def save(new: dict | None) -> dict:
         return locked_update(args.out, new, lambda labels: report(db, settings, records, labels))
 
@@ -189,7 +189,7 @@ def main() -> None:
     if not args.report_only:
         for tid in mine:
             task = tasks[tid]
-            done = {x["cell"] for x in labels_now() if x["task"] == tid and x["epochs"] == args.epochs}
+            done = {x["cell"] for x in read_labels(args.out) if x["task"] == tid and x["epochs"] == args.epochs}
             todo = [r.cell for r in records if r.task == tid and r.cell not in done]
             if not todo:
                 continue
