@@ -76,6 +76,34 @@ def test_export_refuses_an_existing_output_without_force(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out and weights.stat().st_size > 100
 
 
+def test_export_format_follows_the_extension_unless_given(tmp_path, capsys):
+    small = ["--arch", "1", "--channels", "2", "--cells", "1", "--json"]
+    assert run(["export", *small, "-o", str(tmp_path / "a.pt2")]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "torch"
+    assert run(["export", *small, "-f", "ONNX", "-o", str(tmp_path / "b.onnx")]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "onnx"
+    assert run(["export", *small, "-o", str(tmp_path / "c.model")]) == 0  # no known extension: onnx
+    assert json.loads(capsys.readouterr().out)["format"] == "onnx"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["fit", "{tmp}/missing", "--arch", "1", "-o", "{tmp}/run"],
+        ["encode", "{tmp}/missing", "-o", "{tmp}/f.safetensors"],
+        ["db", "build", "{tmp}/db", "-s", "{tmp}/missing", "--tasks", "1"],
+        ["train", "--out", "{tmp}/busy"],
+    ],
+)
+def test_a_failed_start_prints_one_line_and_leaves_nothing(args, tmp_path, capsys):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "mine.txt").write_text("x")
+    assert run([a.format(tmp=tmp_path) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err  # no empty progress display before it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
+
+
 def _save_run(cache: Path, run_id: str, cells: list[str], num_classes: int) -> None:
     runs = cache / "runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -114,6 +142,10 @@ def test_export_from_saved_run(tmp_path, capsys):
         (["export", "--arch", "1", "-o", "/nonexistent-dir/m.onnx"], "does not exist"),
         (["export", "--arch", "1", "--in-channels", "2", "-o", "m.onnx"], "1 or 3"),
         (["export", "--arch", "1", "--input-size", "8", "8", "-o", "m.onnx"], "at least 16x16"),
+        (["export", "--arch", "1", "-f", "torch", "-o", "m.onnx"], "m.onnx has the extension of the onnx format, but the format is torch"),
+        (["export", "--arch", "1", "-f", "onnx", "-o", "m.pt2"], "m.pt2 has the extension of the torch format"),
+        (["export", "--arch", "1", "-f", "tflite", "-o", "m.onnx"], "unknown format 'tflite'"),
+        (["export", "--arch", "1", "--rank", "3", "-o", "m.onnx"], "--rank picks a cell of a saved search: use it with --run"),
     ],
 )
 def test_export_user_errors(args, fragment, capsys, tmp_path, monkeypatch):
@@ -170,3 +202,20 @@ def test_help_keeps_bracketed_install_extras(capsys):
     # Rich markup would swallow an unescaped "[ray]" and tell users to install the wrong thing.
     assert run(["db", "build", "--help"]) == 0
     assert "metad2a[ray]" in "".join(capsys.readouterr().out.split())
+
+
+def test_help_prose_is_one_line_a_paragraph_and_examples_keep_theirs():
+    from metad2a_cli.cli.common import reflowed
+
+    def command():
+        """Does a thing to a folder, in a sentence
+        wrapped in the source.
+
+        Examples:
+          metad2a thing a
+          metad2a thing b
+        """
+
+    assert reflowed(command).__doc__ == (
+        "Does a thing to a folder, in a sentence wrapped in the source.\n\nExamples:\n  metad2a thing a\n  metad2a thing b"
+    )

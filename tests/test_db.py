@@ -227,7 +227,7 @@ def test_cli_on_paths_that_are_no_database(tmp_path, capsys):
         (["db", "info", str(tmp_path / "file")], f"{tmp_path / 'file'} is not a metad2a database (a file)"),
         (["db", "merge", str(tmp_path / "file")], f"{tmp_path / 'file'} is not a metad2a database (a file)"),
         (["db", "info", str(tmp_path / "nowhere")],
-         f"no database '{tmp_path / 'nowhere'}': give a folder made by `metad2a db build` or a known name (nb201)"),
+         f"no database at {tmp_path / 'nowhere'}: give a folder made by `metad2a db build`"),
         (["db", "merge", str(tmp_path / "nowhere")], f"{tmp_path / 'nowhere'} does not exist"),
         (["db", "merge", str(tmp_path / "folder")], f"{tmp_path / 'folder'} is not a metad2a database (no manifest.json)"),
         (["db", "build", str(tmp_path / "file"), "-s", str(tmp_path)], f"{tmp_path / 'file'} is a file; give a folder"),

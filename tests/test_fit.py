@@ -424,8 +424,13 @@ def test_fit_cli_user_errors(images, tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
     assert cli.run(["fit", str(images), "-o", str(tmp_path / "r")]) == 2  # no saved search
     assert "no saved search run" in capsys.readouterr().err
+    assert cli.run(["fit", str(images), "--arch", "1462", "--rank", "3", "-o", str(tmp_path / "r")]) == 2
+    assert "give --arch or --rank, not both" in capsys.readouterr().err
     assert cli.run(["fit", str(images), "--arch", "1462", "--epochs", "0", "-o", str(tmp_path / "r")]) == 2
     assert "--epochs must be at least 1" in capsys.readouterr().err
+    assert cli.run(["fit", str(tmp_path / "missing"), "--arch", "1462", "-o", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'missing'} does not exist\n"
+    assert not (tmp_path / "r").exists()  # a failed start takes away the folder it made
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -119,6 +119,7 @@ def test_top_k_from_the_cli_and_export_of_the_winner(images, tmp_path, capsys):
         (["--top-k", "2", "--arch", "1462"], "leave out --arch"),
         (["--top-k", "2", "--rank", "2"], "leave out --rank"),
         (["--top-k", "2", "--augment", "flip"], "--augment 'flip' is not a policy"),
+        (["--top-k", "3", "--epochs", "2"], "--epochs 2 is too few to halve 3 cells; give --epochs 3 or more"),
     ]:
         assert cli.run(["fit", str(images), *bad, "-o", str(tmp_path / "x")]) == 2
         assert message in capsys.readouterr().err

@@ -174,6 +174,7 @@ def test_weights_with_the_older_dataset_head_say_so(checkpoint, images, tmp_path
 
 def test_search_options_are_checked_before_encoding(checkpoint, images, capsys, monkeypatch):
     from metad2a_cli.data import features
+    from metad2a_cli.meta import weights
 
     def no_encoding(*args, **kwargs):
         raise AssertionError("options must be checked first")
@@ -183,9 +184,17 @@ def test_search_options_are_checked_before_encoding(checkpoint, images, capsys, 
     for args, message in ((["--seed", "-1"], "--seed must be at least 0, got -1"),
                           (["--top-k", "0"], "--top-k must be at least 1, got 0"),
                           (["--num-candidates", "0"], "--num-candidates must be at least 1, got 0"),
-                          (["--device", "tpu"], "unknown device 'tpu'; choose auto, cpu or cuda")):
+                          (["--device", "tpu"], "unknown device 'tpu'; choose auto, cpu or cuda"),
+                          (["--exhaustive", "--num-candidates", "10"], "--exhaustive ranks all 15,625 cells; leave out --num-candidates")):
         assert run([*base, *args]) == 2
         assert capsys.readouterr().err == f"error: {message}\n"
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("a missing folder must be named before the weights are looked for")
+
+    monkeypatch.setattr(weights, "resolve_weights", no_weights)
+    assert run(["search", str(images / "missing")]) == 2
+    assert capsys.readouterr().err == f"error: {images / 'missing'} does not exist\n"
 
 
 def test_search_names_a_class_left_out(checkpoint, images, tmp_path, capsys):

@@ -14,7 +14,7 @@ import typer
 from .._version import __version__
 from ..errors import UserError
 from . import cell, db, encode, export, fit, search, train
-from .common import print_error
+from .common import print_error, reflowed
 
 app = typer.Typer(
     name="metad2a",
@@ -44,12 +44,12 @@ def _root(
     pass
 
 
-app.command("search")(search.search)
-app.command("cell")(cell.cell)
-app.command("fit")(fit.fit)
-app.command("export")(export.export)
-app.command("encode")(encode.encode)
-app.command("train")(train.train)
+app.command("search")(reflowed(search.search))
+app.command("cell")(reflowed(cell.cell))
+app.command("fit")(reflowed(fit.fit))
+app.command("export")(reflowed(export.export))
+app.command("encode")(reflowed(encode.encode))
+app.command("train")(reflowed(train.train))
 app.add_typer(db.app, name="db")
 
 

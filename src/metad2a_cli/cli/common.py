@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from typing import Any
@@ -15,6 +16,43 @@ INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C
 # rich would read "[my data]" in a path as a tag. Style goes in Text objects instead.
 console = Console(soft_wrap=True, markup=False)
 err_console = Console(stderr=True, soft_wrap=True, markup=False)
+
+
+def reflowed(command):
+    """``command`` with its docstring's prose lines joined, as its --help text. Rich help keeps
+    line breaks (so that examples stay one to a line); the source's wrapping at 90 columns
+    would otherwise break sentences wherever the terminal is wider or narrower. Indented
+    lines (examples) keep their own lines."""
+    lines: list[str] = []
+    for line in inspect.cleandoc(command.__doc__ or "").splitlines():
+        prose = line and not line[0].isspace()
+        if prose and lines and lines[-1] and not lines[-1][0].isspace() and not lines[-1].endswith(":"):
+            lines[-1] += " " + line
+        else:
+            lines.append(line)
+    command.__doc__ = "\n".join(lines)
+    return command
+
+
+def lazy_progress(*columns, **kwargs):
+    """A rich ``Progress`` that appears with its first bar: a command that fails before any
+    work starts prints its error line alone, not after an empty display."""
+    from rich.progress import Progress
+
+    class LazyProgress(Progress):
+        def __enter__(self):
+            return self
+
+        def add_task(self, *args, **kw):
+            if not self.live.is_started:
+                self.start()
+            return super().add_task(*args, **kw)
+
+        def stop(self):
+            if self.live.is_started:  # rich ends even an unstarted display with a blank line
+                super().stop()
+
+    return LazyProgress(*columns, **kwargs)
 
 
 def print_error(message: str) -> None:

@@ -7,7 +7,7 @@ import typer
 
 from ..errors import UserError
 from ..training.schedule import LabelSchedule
-from .common import console, err_console, print_json
+from .common import console, err_console, lazy_progress, print_json, reflowed
 
 app = typer.Typer(
     help="Build and inspect meta-training databases of (task, cell, accuracy) records.",
@@ -25,6 +25,7 @@ def ray_address_optional(argv: list[str]) -> list[str]:
 
 
 @app.command("build")
+@reflowed
 def build(
     db: Path = typer.Argument(..., help="Database folder (created, or resumed if it exists)."),
     source: list[Path] = typer.Option(..., "--source", "-s", help="An image collection ROOT/<class>/<images>; repeat for several."),
@@ -98,21 +99,14 @@ def build(
         raise UserError("--ray-gpus-per-worker needs --ray")
     dev = resolve_device(device)
     chunk = chunk or default_chunk(str(dev))
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    with Progress(
+    with lazy_progress(
         TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),  # a source name is text
         TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err_console,
     ) as bar:
-        # One bar for the labels wherever they train: on Ray it counts the whole cluster's.
-        job = bar.add_task("training cells" + (" on Ray" if runner else ""), total=None, rate="")
         stages: dict[str, int] = {}
+        job: list[int] = []  # the labels' bar, from the first report
 
         def features(stage: str, done: int, total: int) -> None:
             if stage not in stages:
@@ -120,7 +114,10 @@ def build(
             bar.update(stages[stage], completed=done, total=total)
 
         def report(done: int, todo: int, seconds: float) -> None:
-            bar.update(job, completed=done, total=todo, rate=f"{60 * done / max(seconds, 1e-9):.1f} records/min")
+            # One bar for the labels wherever they train: on Ray it counts the whole cluster's.
+            if not job:
+                job.append(bar.add_task("training cells" + (" on Ray" if runner else ""), total=None, rate=""))
+            bar.update(job[0], completed=done, total=todo, rate=f"{60 * done / max(seconds, 1e-9):.1f} records/min")
 
         try:
             written = build_db(db, source, settings, parse_shard(shard), device=str(dev), chunk=chunk,
@@ -133,6 +130,7 @@ def build(
 
 
 @app.command("info")
+@reflowed
 def info(
     db: str = typer.Argument(..., help="Database folder, or the name of a shipped one (nb201)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
@@ -170,6 +168,7 @@ def info(
 
 
 @app.command("merge")
+@reflowed
 def merge(db: Path = typer.Argument(..., help="Database folder whose shard files to join.")) -> None:
     """Join the record files of all shards into one (run when every builder is done).
 

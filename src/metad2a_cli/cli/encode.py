@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from .common import console, err_console, print_class_notes, print_json
+from .common import console, err_console, lazy_progress, print_class_notes, print_json
 
 
 def encode(
@@ -30,13 +30,7 @@ def encode(
     import warnings
 
     from PIL import Image
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from ..atomic import check_writable
     from ..data.features import encode_folder
@@ -45,7 +39,7 @@ def encode(
     check_writable(output, overwrite=force)  # before the encoding, not after it
     # Oversized files are reported as skipped; PIL's own warning about them would repeat it.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-    bars = Progress(
+    bars = lazy_progress(
         TextColumn("{task.description:<8}"),
         BarColumn(),
         MofNCompleteColumn(),

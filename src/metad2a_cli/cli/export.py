@@ -10,7 +10,9 @@ from .common import console, err_console, print_json
 
 def export(
     output: Path = typer.Option(..., "-o", "--output", help="File to write (.onnx, or .pt2 for torch)."),
-    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx or torch."),
+    fmt: str = typer.Option(
+        None, "--format", "-f", help="onnx or torch (default: the one the output's extension names, else onnx)."
+    ),
     arch: str = typer.Option(None, "--arch", help="Cell string or NB201 index to export."),
     run: str = typer.Option(None, "--run", help="A saved search run: its id, 'last', or a run file."),
     rank: int = typer.Option(1, "--rank", help="With --run: which ranked cell (1 = best)."),
@@ -40,11 +42,14 @@ def export(
     """
     from ..meta.runs import load_run
     from ..nb201.cells import Cell
-    from ..nb201.export import build_network, export_network
+    from ..nb201.export import build_network, export_network, format_for
     from ..nb201.network import NetworkConfig
 
     if sum(x is not None for x in (arch, run, from_fit)) != 1:
         raise UserError("give exactly one of --arch, --run or --from-fit")
+    if rank != 1 and run is None:
+        raise UserError("--rank picks a cell of a saved search: use it with --run")
+    fmt = format_for(output, fmt)
     if from_fit is not None:
         given = {"--num-classes": num_classes, "--input-size": input_size, "--in-channels": in_channels,
                  "--channels": channels, "--cells": cells}

@@ -8,7 +8,7 @@ import typer
 
 from ..errors import UserError
 from ..training.policies import AUGMENT_POLICIES, DEFAULT_AUGMENT, DEFAULT_LR
-from .common import INTERRUPTED, console, err_console, print_json
+from .common import INTERRUPTED, console, err_console, lazy_progress, print_json
 
 
 def fit(
@@ -71,13 +71,13 @@ def fit(
     with reporter.bar, _ctrl_c_stops(reporter):
         if resume:
             if arch is not None or run is not None:
-                settings_given["cell"], _ = _chosen_cell(arch, run, rank or 1)
+                settings_given["cell"], _ = _chosen_cell(arch, run, rank)
             outcome = resume_fit(output, root, given=settings_given, batch_size=batch_size, device=device,
                                  reporter=reporter, decode_progress=reporter.decoding)
         else:
             if root is None:
                 raise UserError("give the image folder to train on: metad2a fit ROOT -o RUN_DIR")
-            cell, source = _chosen_cell(arch, run, rank or 1)
+            cell, source = _chosen_cell(arch, run, rank)
             settings = FitSettings(cell=cell, **settings_given)
             outcome = start_fit(root, settings, output, batch_size=batch_size, device=device, source=source,
                                 reporter=reporter, decode_progress=reporter.decoding)
@@ -134,7 +134,8 @@ def _top_cells(run: str | None, k: int):
         raise UserError(f"--top-k must be at least 2, got {k}; for one cell use --rank")
     saved = load_run(run or "last")
     if k > len(saved.ranking):
-        raise UserError(f"run {saved.id} ranks {len(saved.ranking)} cells; --top-k {k} asks for more")
+        n = len(saved.ranking)
+        raise UserError(f"run {saved.id} ranks {n} cell{'s' if n != 1 else ''}; --top-k {k} asks for more")
     source = {"search_run": saved.id, "classes": list(saved.classes)}
     return [Candidate(r, str(saved.at_rank(r)), {**source, "rank": r}) for r in range(1, k + 1)]
 
@@ -168,15 +169,16 @@ def _print_standings(summary: dict) -> None:
                       highlight=False)
 
 
-def _chosen_cell(arch: str | None, run: str | None, rank: int) -> tuple[str, dict]:
+def _chosen_cell(arch: str | None, run: str | None, rank: int | None) -> tuple[str, dict]:
     """The cell to train and where it came from (a search run's classes, for start_fit's check)."""
     from ..meta.runs import load_run
     from ..nb201.cells import Cell
 
-    if arch is not None and run is not None:
-        raise UserError("give --arch or --run, not both")
+    if arch is not None and (run is not None or rank is not None):
+        raise UserError(f"give --arch or {'--run' if run is not None else '--rank'}, not both")
     if arch is not None:
         return str(Cell.from_any(arch)), {"arch": arch}
+    rank = 1 if rank is None else rank
     saved = load_run(run or "last")
     cell = saved.at_rank(rank)
     return str(cell), {"search_run": saved.id, "rank": rank, "classes": list(saved.classes)}
@@ -189,9 +191,9 @@ class ProgressReporter:
     wants_steps = True
 
     def __init__(self):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
 
-        self.bar = Progress(
+        self.bar = lazy_progress(
             TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
             TimeRemainingColumn(), console=err_console, transient=False,
         )

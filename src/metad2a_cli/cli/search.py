@@ -11,7 +11,7 @@ from .common import console, err_console, print_class_notes, print_json
 def search(
     root: Path = typer.Argument(..., help="ROOT/<class>/<images>, or a .csv/.json list of (path, label)."),
     top_k: int = typer.Option(5, "--top-k", "-k", help="How many ranked cells to show."),
-    num_candidates: int = typer.Option(500, "--num-candidates", help="Unique cells to generate and rank, at most (sampling stops after 2,000 draws; --exhaustive ranks all 15,625)."),
+    num_candidates: int = typer.Option(None, "--num-candidates", help="Unique cells to generate and rank, at most (default 500; sampling stops after 2,000 draws; --exhaustive ranks all 15,625)."),
     exhaustive: bool = typer.Option(False, "--exhaustive", help="Score all 15,625 cells instead of sampling."),
     num_samples: int = typer.Option(20, "--num-samples", "-n", help="Images per class fed to the set encoder."),
     seed: int = typer.Option(0, "--seed", help="Seeds the image sample and the generator."),
@@ -35,8 +35,15 @@ def search(
     from ..meta.search import SearchModel, check_options
     from ..meta.weights import check_encoder, resolve_weights
 
+    from ..errors import UserError
+
+    if exhaustive and num_candidates is not None:
+        raise UserError("--exhaustive ranks all 15,625 cells; leave out --num-candidates")
+    num_candidates = 500 if num_candidates is None else num_candidates
     check_options(top_k, num_candidates, seed)  # before the weights and the images
     check_device(device)
+    if not root.exists():  # before the weights, which may come from the Hub
+        raise UserError(f"{root} does not exist")
     t0 = time.perf_counter()
     ckpt = resolve_weights(weights, log=lambda line: err_console.print(line, highlight=False))
     resolution = int(ckpt.config["encoder"]["resolution"])

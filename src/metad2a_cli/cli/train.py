@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from .common import INTERRUPTED, console, err_console, print_json
+from .common import INTERRUPTED, console, err_console, lazy_progress, print_json
 
 
 def train(
@@ -35,7 +35,7 @@ def train(
 
     Example: metad2a train --db nb201 --out my-weights --epochs 40
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
 
     from ..errors import UserError
     from ..meta.train import TrainSettings, meta_train, resolve_database, saved_epoch
@@ -46,17 +46,20 @@ def train(
     settings.validate()  # before the progress bar is drawn
     db_path = resolve_database(db)
     try:
-        with Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                      TimeRemainingColumn(), console=err_console) as bar:
-            job = bar.add_task("train", total=None, epoch=0, info="")
+        with lazy_progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                           TimeRemainingColumn(), console=err_console) as bar:
+            job: list[int] = []  # the bar appears with the first step: a failed start prints its error alone
 
             def on_step(step: int, steps: int, losses: dict) -> None:
-                bar.update(job, completed=step, total=steps,
+                if not job:
+                    job.append(bar.add_task("train", total=None, epoch=0, info=""))
+                bar.update(job[0], completed=step, total=steps,
                            info=f"table {losses['table_loss']:.3f} · records {losses['pred_loss']:.3f} · "
                            f"recon {losses['recon']:.3f} · kl {losses['kl']:.2f}")
 
             def on_epoch(epoch: int, m: dict) -> None:
-                bar.update(job, epoch=epoch + 1)
+                if job:
+                    bar.update(job[0], epoch=epoch + 1)
                 err_console.print(
                     f"epoch {epoch}: val spearman table {m['spearman_table']:.3f} within {m['spearman_within_task']:.3f}"
                     f" pooled {m['spearman_pooled']:.3f}"

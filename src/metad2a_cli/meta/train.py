@@ -99,7 +99,7 @@ class TaskData:
     @property
     def standardised(self) -> np.ndarray | None:
         """Accuracies as z-scores within the task; None when they do not vary."""
-        std = self.accuracy.std()
+        std = self.accuracy.std() if len(self.accuracy) > 1 else 0.0  # a task without records is not a warning
         return None if std == 0 else (self.accuracy - self.accuracy.mean()) / std
 
 
@@ -457,7 +457,10 @@ def resolve_database(name_or_path: str) -> Path:
         for root in roots:
             if (root / name_or_path / "manifest.json").is_file():
                 return root / name_or_path
-    raise UserError(f"no database {name_or_path!r}: give a folder made by `metad2a db build` or a known name (nb201)")
+        raise UserError(f"no database {name_or_path!r} in ./databases or {cache_dir() / 'databases'}: give a folder "
+                        "made by `metad2a db build`, or run from a clone of metad2a (its databases/ holds nb201; an "
+                        "installed package does not)")
+    raise UserError(f"no database at {name_or_path}: give a folder made by `metad2a db build`")
 
 
 def check_database_encoder(db: Database) -> dict:
@@ -490,6 +493,15 @@ def meta_train(
     from .checkpoint import save_models
 
     settings.validate()
+    state_dir = out / ".train"
+    # The output folder is checked before the database loads: a mistake there costs no wait.
+    if resume:
+        if not (state_dir / STATE_JSON).is_file():
+            raise UserError(f"nothing to resume in {out}")
+    elif (state_dir / STATE_JSON).is_file():
+        raise UserError(f"{out} holds a training run; pass --resume to continue it or choose another --out")
+    else:
+        check_output_folder(out)
     db = Database(db_path)
     enc = check_database_encoder(db)
     # Without a dataset term records are not needed: every task's features train the generator.
@@ -502,16 +514,9 @@ def meta_train(
         table = load_table(table_path)
     sizes = sizes or ModelSizes(feature_dim=int(enc["feature_dim"]))
     trainer = MetaTrainer(tasks, settings, sizes, table)
-    state_dir = out / ".train"
     if resume:
-        if not (state_dir / STATE_JSON).is_file():
-            raise UserError(f"nothing to resume in {out}")
         _check_same_database(out, db)
         trainer.load_state(state_dir)
-    elif (state_dir / STATE_JSON).is_file():
-        raise UserError(f"{out} holds a training run; pass --resume to continue it or choose another --out")
-    else:
-        check_output_folder(out)
     info = db.info()
     # The path is relative to the weights, which travel (a clone's weights/ and databases/ stay together).
     database = {"path": os.path.relpath(db.path.resolve(), out.resolve()), "name": db.path.name, "id": db.identity(),

@@ -25,6 +25,7 @@ from .cells import Cell
 from .network import Network, NetworkConfig
 
 FORMATS = ("onnx", "torch")
+SUFFIXES = {".onnx": "onnx", ".pt2": "torch"}  # the extension each format's file carries
 ONNX_OPSET = 18
 # Two runtimes add in different orders, so float32 rounding grows with the logits, and an
 # untrained network's logits reach 4.9e6 (cell 3948). Over 19 cells (ranks 1-5 of the
@@ -197,6 +198,22 @@ def _check(
         return diff, allowed, (validate(predict) if validate is not None else {})
 
 
+def format_for(path: Path, fmt: str | None) -> str:
+    """The format to write ``path`` in: ``fmt`` (any case), else the one its extension names,
+    else onnx. A known extension that names the other format is refused: a torch program
+    called model.onnx would fail wherever it is opened."""
+    named = SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        return named or "onnx"
+    if fmt.lower() not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    fmt = fmt.lower()
+    if named not in (None, fmt):
+        raise UserError(f"{path.name} has the extension of the {named} format, but the format is {fmt}: "
+                        "change the extension or the format")
+    return fmt
+
+
 def export_network(
     net: nn.Module, fmt: str, path: Path, seed: int = 0, meta: dict | None = None, validate: Validate | None = None,
     overwrite: bool = True,
@@ -204,7 +221,6 @@ def export_network(
     """Write ``net`` (a ``Network`` or anything with its ``cell`` and ``config``) and check it.
 
     ``overwrite=False`` refuses to replace any existing file the export would write."""
-    if fmt not in FORMATS:
-        raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    fmt = format_for(path, fmt)
     check_writable(path, overwrite)
     return (export_onnx if fmt == "onnx" else export_torch)(net, path, seed, meta, validate, overwrite)

@@ -82,16 +82,24 @@ class RunFolder:
 
     @contextlib.contextmanager
     def claim_new(self) -> Iterator[None]:
-        """Make the folder and hold its lock; refuse one that holds a fit or anything not ours."""
+        """Make the folder and hold its lock; refuse one that holds a fit or anything not ours.
+        A fit that fails before its first save (a user mistake, most often) takes away the
+        folder it made, so that the same command, corrected, can run into it."""
         check_output_folder(self.path, lambda name: name in RUN_FILES)
+        made = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise UserError(f"cannot create {self.path}: {err.strerror}") from err
-        with self.locked():
-            if self.exists():  # asked under the lock: a fit started just before has written it
-                raise UserError(f"{self.path} already holds a fit; add --resume to go on with it, or choose another folder")
-            yield
+        try:
+            with self.locked():
+                if self.exists():  # asked under the lock: a fit started just before has written it
+                    raise UserError(f"{self.path} already holds a fit; add --resume to go on with it, or choose another folder")
+                yield
+        except BaseException:
+            if made and not self.exists():
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
 
     def read_record(self) -> dict:
         if not self.exists():
@@ -187,7 +195,7 @@ class FitOutcome:
             "num_val": self.record["dataset"]["num_val"],
             "files": {
                 name: str(self.run_dir / name)
-                for name in (BEST, LAST, CONFUSION_PNG, CURVES_PNG, FIT_JSON)
+                for name in (BEST, LAST, VALIDATION, CONFUSION_PNG, CURVES_PNG, FIT_JSON)
                 if (self.run_dir / name).exists()
             },
         }

@@ -51,6 +51,10 @@ def plan_rungs(epochs: int, k: int) -> list[Rung]:
     return [Rung(max(1, math.ceil(epochs / 2 ** (last - i))), n) for i, n in enumerate(counts)]
 
 
+def distinct_epochs(rungs: list[Rung]) -> bool:
+    return len({r.epoch for r in rungs}) == len(rungs)
+
+
 def budget_epochs(rungs: list[Rung]) -> int:
     """Epochs of training over all candidates (one epoch of one candidate counts 1)."""
     done, total = 0, 0
@@ -253,6 +257,11 @@ def start_halving(
         raise UserError("--top-k needs at least 2 cells; for one, use --rank")
     settings = replace(settings, cell=candidates[0].cell)
     settings.validate()
+    rungs = plan_rungs(settings.epochs, len(candidates))
+    if not distinct_epochs(rungs):  # a rung that trains no further would only drop cells unseen
+        least = next(e for e in range(settings.epochs + 1, 2**len(rungs) + 1) if distinct_epochs(plan_rungs(e, len(candidates))))
+        raise UserError(f"--epochs {settings.epochs} is too few to halve {len(candidates)} cells; "
+                        f"give --epochs {least} or more, or a smaller --top-k")
     path = Path(run_dir)
     if path.exists() and not path.is_dir():
         raise UserError(f"{path} is a file; give a folder for the run")
@@ -264,7 +273,7 @@ def start_halving(
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create {path}: {err.strerror}") from err
-    halving = Halving(path, Path(root).resolve(), settings, candidates, plan_rungs(settings.epochs, len(candidates)), batch_size)
+    halving = Halving(path, Path(root).resolve(), settings, candidates, rungs, batch_size)
     halving.write()
     return _run(halving, None, device, reporter or Reporter(), decode_progress)
 
