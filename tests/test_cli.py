@@ -219,3 +219,21 @@ def test_help_prose_is_one_line_a_paragraph_and_examples_keep_theirs():
     assert reflowed(command).__doc__ == (
         "Does a thing to a folder, in a sentence wrapped in the source.\n\nExamples:\n  metad2a thing a\n  metad2a thing b"
     )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["cell", "-1"], "error: No such option: -1; see `metad2a cell --help`"),
+        (["bogus"], "error: No such command 'bogus'; see `metad2a --help`"),
+        (["export", "--arch", "1"], "error: Missing option '-o' / '--output'; see `metad2a export --help`"),
+    ],
+)
+def test_a_command_line_the_parser_refuses_is_one_line_exit_2(args, message, capsys):
+    assert run(args) == 2
+    assert capsys.readouterr().err == message + "\n"
+
+
+def test_no_arguments_prints_the_help():
+    out = subprocess.run([str(BIN / "metad2a")], capture_output=True, text=True)
+    assert out.returncode == 2 and "Usage: metad2a" in out.stdout + out.stderr and "error:" not in out.stderr

@@ -61,7 +61,10 @@ def run(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = db.ray_address_optional(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=argv, prog_name="metad2a")
+        # Not standalone: the parser's own errors (an unknown option, a value that is no
+        # number) come here, to be printed as one line like ours instead of a boxed panel.
+        code = app(args=argv, prog_name="metad2a", standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
@@ -74,7 +77,22 @@ def run(argv: list[str] | None = None) -> int:
         where = f"{err.filename}: " if err.filename else ""
         print_error(f"{where}{err.strerror or err}")
         return UserError.exit_code
+    except Exception as err:
+        if not _parser_error(err):
+            raise
+        if type(err).__name__ == "NoArgsIsHelpError":  # the help is printed already
+            return err.exit_code
+        ctx = getattr(err, "ctx", None)
+        hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+        print_error(f"{err.format_message().rstrip('.')}{hint}")
+        return err.exit_code
     return 0
+
+
+def _parser_error(err: Exception) -> bool:
+    """Whether ``err`` is the command-line parser's (click's, or the copy of click that typer
+    carries from 0.29 on): a usage mistake, with its message and exit code."""
+    return hasattr(err, "format_message") and isinstance(getattr(err, "exit_code", None), int)
 
 
 def main() -> None:
