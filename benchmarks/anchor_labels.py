@@ -9,7 +9,8 @@ only through the dataset term, whose maximum over all cells extrapolates
 label standardised against the task's drawn cells and how many of them it beats, and for
 each pair of anchors the paired difference in points with wins, a sign test and a sign-flip
 (permutation) test of the mean. Beside it, what the table plus the dataset term (edge_term_loto.py's closed form, fitted without the task) said
-of each pair before the labels existed.
+of each pair before the labels existed, and what it would say had the draw given every task
+the anchors too (fitted with the other tasks' anchor labels added to their records).
 
 Only meta-training tasks: the held-out sets are not read. Labels are merged into ``--out``
 after every cell (a killed run resumes); ``--share i/n`` lets n processes split the tasks.
@@ -35,7 +36,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
-from edge_term_loto import residual_term, task_arrays
+from edge_term_loto import TRUST, residual_term, task_arrays
 from label_budget import COMPLETE, locked_update, read_labels
 from label_reliability import edge_ops, published_accuracy
 
@@ -92,21 +93,32 @@ def compare(records: list[Record], anchors: list[dict], table: np.ndarray, again
         by_task[r.task].append(r)
     complete = {t: rs for t, rs in by_task.items() if len(rs) >= COMPLETE}
     table_z = (table - np.nanmean(table)) / np.nanstd(table)
-    x, y, base = task_arrays(complete, table_z)
     labels = defaultdict(dict)  # task -> cell -> accuracy
     for a in anchors:
         labels[a["task"]][a["cell"]] = a["accuracy"]
+    x, y, base = task_arrays(complete, table_z)
+    if against_drawn:  # the term as it would be if the draw also gave every task the anchors
+        joined = {t: rs + [Record(t, c, acc, 0.0) for c, acc in labels.get(t, {}).items() if c not in {r.cell for r in rs}]
+                  for t, rs in complete.items()}
+        x_joined, y_joined, base_joined = task_arrays(joined, table_z)
+
+    def score(cell: str, term: np.ndarray) -> float:
+        return round(float(table_z[Cell.parse(cell).code] + edge_ops(cell) @ term), 3)
+
     rows, z_by_cell = [], defaultdict(dict)  # cell -> task -> z
     for tid in sorted(labels):
         drawn = np.array([r.accuracy for r in complete[tid]])
-        term = residual_term(x, y, base, [t for t in complete if t != tid], EDGE_RIDGE)
+        others = [t for t in complete if t != tid]
+        term = residual_term(x, y, base, others, EDGE_RIDGE)
         row = {"task": tid, "anchors": {}}
         if against_drawn:
             row.update(drawn_mean=round(float(drawn.mean()), 2), drawn_sd=round(float(drawn.std()), 2))
+            # Fitted without the task's own anchors: only the other tasks' labels of them.
+            term_joined = residual_term(x_joined, y_joined, base_joined, others, EDGE_RIDGE)
         for cell, acc in sorted(labels[tid].items(), key=lambda kv: Cell.parse(kv[0]).index):
-            got = {"accuracy": round(acc, 2),
-                   "predicted": round(float(table_z[Cell.parse(cell).code] + edge_ops(cell) @ term), 3)}
+            got = {"accuracy": round(acc, 2), "predicted": score(cell, term)}
             if against_drawn:
+                got["predicted_with_anchors"] = score(cell, term_joined)
                 z = (acc - drawn.mean()) / (drawn.std() or 1.0)
                 z_by_cell[cell][tid] = z
                 got.update(z=round(float(z), 3), beats_drawn=int(np.sum(drawn < acc)))
@@ -131,17 +143,32 @@ def compare(records: list[Record], anchors: list[dict], table: np.ndarray, again
         if not both:
             continue
         diff = [r["anchors"][ia]["accuracy"] - r["anchors"][ib]["accuracy"] for r in both]
-        said = [r["anchors"][ia]["predicted"] > r["anchors"][ib]["predicted"] for r in both]
         wins, losses = sum(d > 0 for d in diff), sum(d < 0 for d in diff)
-        pairs[f"{ia} - {ib}"] = {
+        pair = pairs[f"{ia} - {ib}"] = {
             "tasks": len(both), "mean_points": round(statistics.mean(diff), 2),
             "median_points": round(statistics.median(diff), 2),
             "sd_points": round(statistics.stdev(diff), 2) if len(diff) > 1 else None,
             "wins": wins, "losses": losses, "sign_test_p": sign_test(wins, losses), "sign_flip_p": sign_flip_p(diff),
-            "term_said_first_better_on": sum(said),
-            "term_right_on": sum(s == (d > 0) for s, d in zip(said, diff) if d != 0),
         }
-    return {"anchors": per_anchor, "pairs": pairs, "tasks": rows}
+        for key, name in (("predicted", "term"), ("predicted_with_anchors", "term_with_anchors")):
+            if key not in both[0]["anchors"][ia]:
+                continue
+            said = [r["anchors"][ia][key] > r["anchors"][ib][key] for r in both]
+            pair[f"{name}_said_first_better_on"] = sum(said)
+            pair[f"{name}_right_on"] = sum(s == (d > 0) for s, d in zip(said, diff) if d != 0)
+    result = {"anchors": per_anchor, "pairs": pairs, "tasks": rows}
+    if against_drawn:  # what each term, fitted on every task, puts first among the table's top 1%
+        result["first_within_table_top_1pct"] = {
+            name: first_within_top(table_z, residual_term(*arrays, list(complete), EDGE_RIDGE))
+            for name, arrays in (("term", (x, y, base)), ("term_with_anchors", (x_joined, y_joined, base_joined)))}
+    return result
+
+
+def first_within_top(table_z: np.ndarray, term: np.ndarray) -> dict:
+    trusted = np.argsort(-table_z)[:TRUST]
+    every = np.array([edge_ops(str(Cell.from_code(int(c)))) for c in trusted])
+    first = int(trusted[np.argmax(table_z[trusted] + every @ term)])
+    return {"nb201_index": Cell.from_code(first).index, "table_rank": int(np.sum(table_z > table_z[first])) + 1}
 
 
 def main() -> None:
