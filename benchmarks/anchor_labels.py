@@ -36,7 +36,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
-from edge_term_loto import TRUST, residual_term, task_arrays
+from edge_term_loto import first_within_top, residual_term, task_arrays
 from label_budget import COMPLETE, locked_update, read_labels
 from label_reliability import edge_ops, published_accuracy
 
@@ -158,17 +158,12 @@ def compare(records: list[Record], anchors: list[dict], table: np.ndarray, again
             pair[f"{name}_right_on"] = sum(s == (d > 0) for s, d in zip(said, diff) if d != 0)
     result = {"anchors": per_anchor, "pairs": pairs, "tasks": rows}
     if against_drawn:  # what each term, fitted on every task, puts first among the table's top 1%
-        result["first_within_table_top_1pct"] = {
-            name: first_within_top(table_z, residual_term(*arrays, list(complete), EDGE_RIDGE))
-            for name, arrays in (("term", (x, y, base)), ("term_with_anchors", (x_joined, y_joined, base_joined)))}
+        result["first_within_table_top_1pct"] = {}
+        for name, arrays in (("term", (x, y, base)), ("term_with_anchors", (x_joined, y_joined, base_joined))):
+            first = first_within_top(table_z, residual_term(*arrays, list(complete), EDGE_RIDGE))
+            result["first_within_table_top_1pct"][name] = {
+                "nb201_index": Cell.from_code(first).index, "table_rank": int(np.sum(table_z > table_z[first])) + 1}
     return result
-
-
-def first_within_top(table_z: np.ndarray, term: np.ndarray) -> dict:
-    trusted = np.argsort(-table_z)[:TRUST]
-    every = np.array([edge_ops(str(Cell.from_code(int(c)))) for c in trusted])
-    first = int(trusted[np.argmax(table_z[trusted] + every @ term)])
-    return {"nb201_index": Cell.from_code(first).index, "table_rank": int(np.sum(table_z > table_z[first])) + 1}
 
 
 def main() -> None:
