@@ -75,6 +75,9 @@ def test_training_learns_writes_and_loads(tmp_path):
     assert h[-1]["recon"] < h[0]["recon"]
     card = (tmp_path / "w" / "README.md").read_text()
     assert card.startswith("---\nlicense: mit") and "## Limits" in card and "spearman_within_task" in card
+    used = ckpt.config["database"]
+    assert f"{used['records']} (task, cell, accuracy) records on {used['tasks']} of its tasks" in card
+    assert f"image features of {len(trainer.train_tasks)} of the" in card
     best = ckpt.config["metrics"]["best_val"]
     assert best["spearman_within_task"] > 0.5  # held-out tasks: rank follows the rule
     assert best["gen_validity"] == 1.0

@@ -47,7 +47,7 @@ def render(config: dict[str, Any], heldout: list[dict[str, Any]] | None = None) 
             "  regressed on it scores any other. The benchmark's CIFAR-10/100 results were never used.",
         ]
     lines += [
-        f"- database `{db.get('name')}`: {db.get('tasks')} tasks, {db.get('records')} (task, cell, accuracy) records,",
+        f"- database `{db.get('name')}`: {db.get('records')} (task, cell, accuracy) records on {db.get('tasks')} of its tasks,",
         "  built by `metad2a db build` from caltech101, flowers102, omniglot, PACS (4 domains) and",
         "  sklearn digits (images at most 64 px); gtsrb and fashion_mnist were never used.",
         f"  Its records train the dataset term (label schedule `{json.dumps(db.get('schedule', {}))}`)."
@@ -56,8 +56,9 @@ def render(config: dict[str, Any], heldout: list[dict[str, Any]] | None = None) 
         "",
         "## Training",
         "",
-        f"`metad2a train`: {metrics.get('epochs')} epochs, {metrics.get('train_tasks')} training tasks,",
-        f"{metrics.get('val_tasks')} held-out validation tasks, {metrics.get('train_seconds', 0) / 60:.1f} min on a 2-core CPU.",
+        f"`metad2a train`: {metrics.get('epochs')} epochs over the image features of {metrics.get('train_tasks')} of the",
+        f"database's tasks, {metrics.get('val_tasks')} more held out for validation (a task without records still",
+        f"teaches the generator), {metrics.get('train_seconds', 0) / 60:.1f} min on a 2-core CPU.",
         "",
         "## Validation (held-out table cells and database tasks)",
         "",
