@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import statistics
 from collections import defaultdict
 from dataclasses import asdict, replace
@@ -38,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from edge_term_loto import first_within_top, residual_term, task_arrays
 from label_budget import COMPLETE, locked_update, read_labels
+from paired import sign_flip_p, sign_test
 from label_reliability import edge_ops, published_accuracy
 
 from metad2a_cli.meta.db import BuildSettings, Database, Record, WorkUnit, label_unit
@@ -56,23 +56,6 @@ def spread_by_source(tasks: list) -> list:
         by_source[t.source].append(t.id)
     turns = itertools.zip_longest(*(by_source[s] for s in sorted(by_source)))
     return [tid for turn in turns for tid in turn if tid]
-
-
-def sign_test(wins: int, losses: int) -> float:
-    """Two-sided binomial p of ``wins`` against ``losses`` (ties dropped) under even odds."""
-    n = wins + losses
-    if not n:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2**n
-    return round(min(1.0, 2 * tail), 4)
-
-
-def sign_flip_p(diff: list[float], draws: int = 100_000, seed: int = 0) -> float:
-    """Two-sided p of a paired mean difference: how often flipping each pair's sign at random
-    gives a mean at least as far from zero (seeded Monte Carlo)."""
-    d = np.asarray(diff, float)
-    flips = np.random.default_rng(seed).choice([-1.0, 1.0], size=(draws, d.size))
-    return round(float(np.mean(np.abs(flips @ d) >= abs(d.sum()) - 1e-9)), 4)
 
 
 def report(records: list[Record], anchors: list[dict], table: np.ndarray, epochs: int) -> dict:

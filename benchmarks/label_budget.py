@@ -36,6 +36,7 @@ from typing import Callable
 import numpy as np
 from edge_term_loto import residual_term, task_arrays
 from label_reliability import edge_ops, published_accuracy
+from paired import sign_flip_p
 
 from metad2a_cli.atomic import atomic_paths
 from metad2a_cli.meta.db import BuildSettings, Database, device_name, load_task_images, task_seed
@@ -116,6 +117,8 @@ def report(db: Database, settings: BuildSettings, records: list, labels: list[di
                 f"at {settings.schedule.epochs} epochs (database)": _median(r["table_spearman_database"] for r in full),
                 f"at {epochs} epochs": _median(r["table_spearman_longer"] for r in full),
             },
+            # Each task's agreement at both budgets, on the same cells: did the longer budget raise it?
+            "table_spearman_change": _paired([r["table_spearman_longer"] - r["table_spearman_database"] for r in full]),
             "median_table_plus_edge_term_spearman": {
                 f"at {settings.schedule.epochs} epochs (database)": _median(r["table_plus_edge_term_spearman_database"] for r in full),
                 f"at {epochs} epochs": _median(r["table_plus_edge_term_spearman_longer"] for r in full),
@@ -147,6 +150,14 @@ def locked_update(out: Path, new: dict | None, summarise: Callable[[list[dict]],
     finally:
         os.close(folder)
     return result
+
+
+def _paired(diff: list[float]) -> dict:
+    if not diff:
+        return {}
+    return {"mean": round(statistics.mean(diff), 3), "median": round(statistics.median(diff), 3),
+            "higher": sum(d > 0 for d in diff), "lower": sum(d < 0 for d in diff),
+            "sign_flip_p": sign_flip_p(diff)}
 
 
 def _median(values) -> float | None:
