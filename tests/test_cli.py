@@ -44,15 +44,35 @@ def test_cell_json(capsys):
     assert run(["cell", "11472", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["cell"] == RESNET and info["nb201_index"] == 11472
-    assert info["params"] > 0 and info["flops"] > info["params"]
+    # NAS-Bench-201 publishes 0.073306 M parameters and 7.78305 M FLOPs for its smallest
+    # CIFAR-10 network (C=16, N=5, 10 classes, 32x32): the command's defaults.
+    assert run(["cell", "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|", "--json"]) == 0
+    smallest = json.loads(capsys.readouterr().out)
+    assert smallest["params"] == 73306 and smallest["flops"] == pytest.approx(7.78305e6, abs=10)
 
 
-def test_cell_options_change_the_cost(capsys):
+@pytest.mark.parametrize("option, value, keyword", [
+    ("--num-classes", "100", {"num_classes": 100}),
+    ("--channels", "32", {"channels": 32}),
+    ("--cells", "2", {"cells_per_stage": 2}),
+    ("--in-channels", "1", {"in_channels": 1}),
+])
+def test_cell_options_change_the_cost(capsys, option, value, keyword):
+    from metad2a_cli.nb201.cost import cell_cost
+
+    assert run(["cell", RESNET, "--json", option, value]) == 0
+    info = json.loads(capsys.readouterr().out)
+    expected = cell_cost(Cell.parse(RESNET), **keyword)
+    assert (info["params"], info["flops"]) == (expected.params, expected.flops)
+    assert expected.flops != cell_cost(Cell.parse(RESNET)).flops  # the option matters
+
+
+def test_cell_input_size_scales_the_flops_only(capsys):
     run(["cell", RESNET, "--json"])
     base = json.loads(capsys.readouterr().out)
-    run(["cell", RESNET, "--json", "--num-classes", "100", "--channels", "32"])
+    run(["cell", RESNET, "--json", "--input-size", "64", "64"])
     big = json.loads(capsys.readouterr().out)
-    assert big["params"] > base["params"]
+    assert big["params"] == base["params"] and big["flops"] > 3.9 * base["flops"]
 
 
 def test_export_onnx_from_cli(tmp_path, capsys):

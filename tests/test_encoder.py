@@ -118,8 +118,10 @@ def test_creating_an_encoder_does_not_load_the_network(monkeypatch):
         raise AssertionError("weights loaded too early")
 
     monkeypatch.setattr(net, "load_pretrained", fail)
+    net._shared_cpu_model.cache_clear()  # earlier tests may have loaded it already
     encoder = enc.ImageEncoder(device="cpu")
     assert encoder.identity == enc.identity(enc.DEFAULT_RESOLUTION)
+    assert "model" not in vars(encoder) and "device" not in vars(encoder)
 
 
 def test_prepare_squashes_to_a_square_uint8_array():

@@ -21,6 +21,7 @@ from metad2a_cli.training.fit import (
     CURVES_PNG,
     FIT_JSON,
     LAST,
+    VALIDATION,
     accuracy_check,
     export_fitted,
     load_fitted,
@@ -124,10 +125,32 @@ def test_short_fit_learns_an_easy_task(fitted_run):
     assert record["dataset"]["classes"] == ["blue", "green", "red"]
     assert record["settings"]["augment"] == DEFAULT_AUGMENT
     assert record["result"]["val_acc"] == pytest.approx(outcome.state.best["val_acc"])
-    assert np.array(record["result"]["confusion"]).sum() == record["dataset"]["num_val"]
+    # Rows are the true classes (their sums are the validation split's class counts), the
+    # diagonal is what the reported accuracies count.
+    confusion = np.array(record["result"]["confusion"])
+    saved, _ = load_tensors(run / VALIDATION)
+    assert confusion.sum(1).tolist() == np.bincount(saved["labels"].numpy(), minlength=3).tolist()
+    assert 100 * np.trace(confusion) / confusion.sum() == pytest.approx(record["result"]["val_acc"])
+    per_class = [100 * confusion[i, i] / confusion[i].sum() for i in range(3)]
+    assert list(record["result"]["per_class_acc"].values()) == pytest.approx(per_class)
     for png in (CONFUSION_PNG, CURVES_PNG):
         with Image.open(run / png) as im:
             assert im.format == "PNG" and im.size[0] > 200
+
+
+def test_confusion_rows_are_the_true_classes():
+    from types import SimpleNamespace
+
+    class AlwaysZero(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([5.0, 0.0, 0.0]).expand(x.shape[0], 3)
+
+    labels = torch.tensor([0, 1, 1, 2, 2, 2])
+    fake = SimpleNamespace(classes=["a", "b", "c"], val_y=labels, device=torch.device("cpu"),
+                           val_x=torch.zeros(6, 3, 4, 4, dtype=torch.uint8), state=SimpleNamespace(batch_size=2))
+    [ev] = trainer_mod.Trainer.evaluate_members(fake, AlwaysZero())
+    assert ev.confusion.tolist() == [[1, 0, 0], [2, 0, 0], [3, 0, 0]]
+    assert ev.accuracy == pytest.approx(100 / 6)
 
 
 def test_best_checkpoint_is_the_best_epoch(images, tmp_path, monkeypatch):

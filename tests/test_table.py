@@ -48,6 +48,8 @@ def test_missing_file_is_a_user_error(tmp_path):
 
 
 def test_the_shipped_table_covers_every_cell():
+    # load_table refuses a row whose nb201_index is not its cell's: this also checks our
+    # index order against all 15,625 of NAS-Bench-201's published (index, cell) pairs.
     table = load_table(REPO / "databases" / "nb201" / TABLE_FILE)
     assert len(table) == NUM_CELLS and sorted(table.codes.tolist()) == list(range(NUM_CELLS))
     assert 0 < table.accuracy.min() < table.accuracy.max() < 100

@@ -1,5 +1,5 @@
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -80,8 +80,6 @@ def test_training_learns_writes_and_loads(tmp_path):
     assert f"image features of {len(trainer.train_tasks)} of the" in card
     best = ckpt.config["metrics"]["best_val"]
     assert best["spearman_within_task"] > 0.5  # held-out tasks: rank follows the rule
-    assert best["gen_validity"] == 1.0
-    assert 0.0 <= best["gen_top5_coverage"] <= 1.0
     config = load_checkpoint_config(tmp_path / "w")
     model = SearchModel.load(tmp_path / "w", config)
     feats = [np.random.default_rng(i).standard_normal((6, 1280)).astype(np.float32) for i in range(3)]
@@ -131,7 +129,9 @@ def test_same_seed_same_weights(tmp_path):
     s = TrainSettings(epochs=1, tasks_per_step=4, num_candidates=20)
     meta_train(db, tmp_path / "a", s, sizes=SIZES)
     meta_train(db, tmp_path / "b", s, sizes=SIZES)
-    assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()
+    meta_train(db, tmp_path / "c", replace(s, seed=1), sizes=SIZES)
+    weights = [(tmp_path / run / "model.safetensors").read_bytes() for run in "abc"]
+    assert weights[0] == weights[1] and weights[0] != weights[2]  # the seed, and only it, decides
 
 
 def test_refusals(tmp_path, capsys):

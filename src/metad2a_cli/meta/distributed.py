@@ -51,9 +51,9 @@ def ray_runner(address: str = "local", gpus_per_worker: float | None = None, chu
     """A ``db.build`` runner that labels on Ray: ``address`` ``local`` starts a Ray instance on
     this machine (stopped when the build ends); ``auto``, ``host:6379`` or ``ray://host:10001``
     joins a running cluster. ``chunk`` 0 picks each worker's default for its device."""
-    ray = import_ray()
     if gpus_per_worker is not None and not 0 <= gpus_per_worker <= 1:
         raise UserError(f"--ray-gpus-per-worker must be between 0 and 1 (a share of one GPU), got {gpus_per_worker:g}")
+    ray = import_ray()
 
     def run(units: Sequence[WorkUnit], settings: BuildSettings) -> Iterator[list[Record]]:
         started = not ray.is_initialized()

@@ -333,7 +333,6 @@ class MetaTrainer:
             "spearman_pooled": spearman(np.concatenate(pooled_pred), np.concatenate(pooled_true)),
             "spearman_table": table_rho,
             "gen_recon": recon,
-            "gen_validity": 1.0,  # types are masked to ops: every decode is a cell
             "gen_uniqueness": float(np.mean(unique)),
             "gen_best_cell_hit_rate": hits / len(tasks),
             "gen_top5_coverage": float(np.mean(coverage)),
@@ -572,7 +571,6 @@ def _best_metrics(history: list[dict]) -> dict:
                 "spearman_pooled": h["spearman_pooled"], "spearman_table": h["spearman_table"]}
     if gen:
         h = gen[-1]
-        out |= {"generator_epoch": h["epoch"], "gen_recon": h["gen_recon"], "gen_validity": h["gen_validity"],
-                "gen_top5_coverage": h["gen_top5_coverage"],
+        out |= {"generator_epoch": h["epoch"], "gen_recon": h["gen_recon"], "gen_top5_coverage": h["gen_top5_coverage"],
                 "gen_uniqueness": h["gen_uniqueness"], "gen_best_cell_hit_rate": h["gen_best_cell_hit_rate"]}
     return out
