@@ -94,7 +94,7 @@ def main() -> None:
     x, mask = model.dataset_batch(feats)
     model.cell_embeddings()
     gen = median_time(lambda: model.generate(x, mask, 500, np.random.default_rng(0)), args.repeats)
-    codes, drawn, valid = model.generate(x, mask, 500, np.random.default_rng(0))
+    codes, drawn = model.generate(x, mask, 500, np.random.default_rng(0))
     score_all = median_time(lambda: model.predict_all(x, mask), args.repeats)
     search_generate = median_time(lambda: model.search(feats, num_candidates=500), args.repeats)
     search_exhaustive = median_time(lambda: model.search(feats, exhaustive=True), args.repeats)
@@ -111,7 +111,6 @@ def main() -> None:
         "weights": "random full-size" if not args.weights else str(args.weights),
         "generate_500_unique_s": gen,
         "generate_samples_drawn": drawn,
-        "generate_valid_fraction": valid,
         "score_all_15625_s": score_all,
         "cell_embeddings_once_s": embed_once,
         "search_generate_500_s": search_generate,

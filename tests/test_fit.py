@@ -414,6 +414,10 @@ def test_fit_cli_uses_the_saved_search(images, tmp_path, capsys):
     assert summary["cell"] == cells[1] and summary["completed"]
     record = json.loads((tmp_path / "run" / FIT_JSON).read_text())
     assert record["source"]["rank"] == 2 and record["source"]["search_run"]
+    # Named again on --resume, the rank must agree with the run's cell, with or without --run.
+    assert cli.run(["fit", "--resume", "--rank", "1", "-o", str(tmp_path / "run")]) == 2
+    assert "keeps its cell" in capsys.readouterr().err
+    assert cli.run(["fit", "--resume", "--rank", "2", "-o", str(tmp_path / "run"), "--json"]) == 0
 
 
 def test_fit_cli_ctrl_c_leaves_a_resumable_run(images, tmp_path, monkeypatch, capsys):

@@ -113,6 +113,12 @@ def test_top_k_from_the_cli_and_export_of_the_winner(images, tmp_path, capsys):
     assert cli.run(["fit", "--resume", "-o", str(out)]) == 0  # finished: nothing to train, the table again
     table = capsys.readouterr().out
     assert "epoch 1" in table and "epoch 2" in table and "winner" in table and "stopped after rung 1" in table
+    assert cli.run(["fit", "--resume", "--run", "last", "-o", str(out)]) == 0  # the run it started from
+    capsys.readouterr()
+    save_run({"dataset": {"num_classes": 3, "classes": ["blue", "green", "red"]},
+              "ranking": [{"rank": r + 1, "cell": c} for r, c in enumerate([CONV, NOTHING, NOTHING])]})
+    assert cli.run(["fit", "--resume", "--run", "last", "-o", str(out)]) == 2  # a newer search: not its candidates
+    assert "is not the one this fit started from" in capsys.readouterr().err
     for bad, message in [
         (["--top-k", "1"], "--top-k must be at least 2"),
         (["--top-k", "4"], "ranks 3 cells; --top-k 4"),

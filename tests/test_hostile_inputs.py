@@ -251,7 +251,7 @@ def test_train(data, sandbox, capsys, time_limit):
     argv += options(data.draw, [("--tasks-per-step", SMALL), ("--lr", FLOATS), ("--seed", INTS),
                                 ("--predictor", ["table", "database", "both", "", "[/x]"]),
                                 ("--table", [str(box / "db" / "imagenet16_120.csv"), *hostile_paths(box)]),
-                                ("--device", DEVICES), ("--resume", None), ("--json", None)])
+                                ("--resume", None), ("--json", None)])
     argv += ["--epochs", data.draw(st.sampled_from(["1", "-1", "0"]))]
     check(argv, box, [out if out is not None else "metad2a-weights"], capsys, time_limit)
 

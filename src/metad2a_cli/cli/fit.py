@@ -70,7 +70,7 @@ def fit(
     reporter = ProgressReporter()
     with reporter.bar, _ctrl_c_stops(reporter):
         if resume:
-            if arch is not None or run is not None:
+            if arch is not None or run is not None or rank is not None:  # named again: they must agree
                 settings_given["cell"], _ = _chosen_cell(arch, run, rank)
             outcome = resume_fit(output, root, given=settings_given, batch_size=batch_size, device=device,
                                  reporter=reporter, decode_progress=reporter.decoding)
@@ -107,6 +107,10 @@ def _fit_top_k(root, output, run, rank, arch, top_k, settings_given, batch_size,
     reporter = ProgressReporter()
     with reporter.bar, _ctrl_c_stops(reporter):
         if resume:
+            if run is not None:  # named again: it must be the run the fit started from
+                from ..meta.runs import load_run
+
+                settings_given = {**settings_given, "search_run": load_run(run).id}
             outcome = resume_halving(output, root, given={**settings_given, "top_k": top_k}, batch_size=batch_size,
                                      device=device, reporter=reporter, decode_progress=reporter.decoding)
         else:

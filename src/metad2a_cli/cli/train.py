@@ -23,7 +23,6 @@ def train(
         None, "--table", help="CSV of published accuracies (nb201_index, arch_str, accuracy); "
         "default: imagenet16_120.csv in the database folder.",
     ),
-    device: str = typer.Option("cpu", "--device", help="cpu (the networks are small; CPU is the tested path)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the final metrics as JSON."),
 ) -> None:
@@ -31,17 +30,15 @@ def train(
     published accuracies.
 
     Holds out tasks for validation, keeps each network's best epoch, writes a checkpoint
-    folder every epoch (use it with `metad2a search --weights DIR`) and can --resume.
+    folder every epoch (use it with `metad2a search --weights DIR`) and can --resume. Runs on
+    the CPU: the networks are small.
 
     Example: metad2a train --db nb201 --out my-weights --epochs 40
     """
     from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
 
-    from ..errors import UserError
     from ..meta.train import TrainSettings, meta_train, resolve_database, saved_epoch
 
-    if device != "cpu":
-        raise UserError("meta-training runs on the CPU in this version; use --device cpu")
     settings = TrainSettings(epochs=epochs, tasks_per_step=tasks_per_step, lr=lr, seed=seed, predictor=predictor)
     settings.validate()  # before the progress bar is drawn
     db_path = resolve_database(db)

@@ -491,7 +491,6 @@ def build(
     shard: tuple[int, int] = (0, 1),
     device: str = "cpu",
     chunk: int = 1,
-    resolution: int | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     max_tasks: int | None = None,
     feature_progress: Callable[[str, int, int], None] | None = None,
@@ -510,7 +509,7 @@ def build(
     from ..data.features import encode_images
     from ..data.images import read_image_folder
 
-    resolution = resolution or DEFAULT_RESOLUTION
+    resolution = DEFAULT_RESOLUTION
     folders = {}
     for src in sources:
         src = Path(src)

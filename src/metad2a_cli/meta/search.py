@@ -50,7 +50,6 @@ class SearchResult:
     mode: str  # "generate" or "exhaustive"
     candidates: int
     samples_drawn: int
-    valid_fraction: float
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -172,30 +171,28 @@ class SearchModel:
         scores = engine.score(self.weights, d, self.cell_embeddings(), self.terms, np.arange(NUM_CELLS))
         return scores * self.target["std"] + self.target["mean"]
 
-    def generate(self, x: np.ndarray, mask: np.ndarray, num_candidates: int, rng: np.random.Generator) -> tuple[list[int], int, float]:
+    def generate(self, x: np.ndarray, mask: np.ndarray, num_candidates: int, rng: np.random.Generator) -> tuple[list[int], int]:
         """Sample cells from p(G|z), z ~ q(z|D), until ``num_candidates`` unique ones or
         ``MAX_SAMPLES`` samples, whichever comes first.
 
-        Returns the unique cell codes in order of first appearance, the number of samples
-        drawn and the fraction of samples that were valid cells.
+        Returns the unique cell codes in order of first appearance and the number of samples
+        drawn. Every sample is a cell: the decoder picks one of the five operations per edge.
         """
         mu, logvar = engine.generator_posterior(self.weights, x, mask, self.sizes.heads)
         std = np.exp(0.5 * logvar)
         seen: dict[int, None] = {}
-        drawn = valid = 0
+        drawn = 0
         while len(seen) < num_candidates and drawn < MAX_SAMPLES:
             eps = rng.standard_normal((SAMPLE_BATCH, mu.shape[1])).astype(np.float32)
             z = mu + eps * std
             ops = engine.generate(self.weights, z, rng.random((SAMPLE_BATCH, 6), dtype=np.float32))
-            ok = (ops >= 0).all(1) & (ops <= 4).all(1)
-            codes = (ops[ok] * (5 ** np.arange(5, -1, -1))).sum(1)
+            codes = (ops * (5 ** np.arange(5, -1, -1))).sum(1)
             drawn += SAMPLE_BATCH
-            valid += int(ok.sum())
             for code in codes.tolist():
                 seen.setdefault(code)
                 if len(seen) == num_candidates:
                     break
-        return list(seen), drawn, valid / max(drawn, 1)
+        return list(seen), drawn
 
     def search(
         self,
@@ -210,10 +207,10 @@ class SearchModel:
         t0 = time.perf_counter()
         x, mask = self.dataset_batch(features)
         if exhaustive:
-            codes, drawn, valid = list(range(NUM_CELLS)), 0, 1.0
+            codes, drawn = list(range(NUM_CELLS)), 0
         else:
             rng = np.random.default_rng(seed)
-            codes, drawn, valid = self.generate(x, mask, min(num_candidates, NUM_CELLS), rng)
+            codes, drawn = self.generate(x, mask, min(num_candidates, NUM_CELLS), rng)
         t1 = time.perf_counter()
         timings["generate"] = t1 - t0
         accuracy = self.predict_all(x, mask)
@@ -233,7 +230,6 @@ class SearchModel:
             mode="exhaustive" if exhaustive else "generate",
             candidates=len(codes),
             samples_drawn=drawn,
-            valid_fraction=valid,
             timings=timings,
         )
 

@@ -80,10 +80,6 @@ class Checkpoint:
     def files(self) -> list[str]:
         return list(self.config["files"])
 
-    @property
-    def encoder(self) -> dict[str, Any]:
-        return self.config["encoder"]
-
     def file(self, name: str) -> Path:
         """The path of a weights file listed in config.json."""
         if name not in self.config["files"]:

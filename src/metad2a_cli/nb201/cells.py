@@ -147,5 +147,3 @@ def all_cells() -> list[Cell]:
     """Every cell, in NAS-Bench-201 index order."""
     return [Cell.from_code(code) for code in _code_at_index()]
 
-
-RESNET_CELL = "|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|"

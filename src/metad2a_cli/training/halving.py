@@ -294,6 +294,10 @@ def resume_halving(
     top_k = given.pop("top_k", None)
     if top_k is not None and top_k != len(halving.candidates):
         raise UserError(f"--top-k {top_k} differs from the run's {len(halving.candidates)}; a resumed run keeps its settings")
+    search_run, started_from = given.pop("search_run", None), halving.candidates[0].source.get("search_run")
+    if search_run is not None and search_run != started_from:
+        raise UserError(f"search run {search_run} is not the one this fit started from ({started_from}); "
+                        "a resumed run keeps its candidates")
     check_same_settings(given, halving.fit_settings(halving.candidates[0]))
     if root is not None:
         halving.root = Path(root)
