@@ -309,6 +309,14 @@ def test_info_counts_records_per_device_old_records_included(tmp_path, capsys):
     assert "devices    NVIDIA H100: 2, cpu: 1, unknown: 1" in out
     # A schedule from before augmentation and rate were recorded: what its labels trained with.
     assert "labels     1-epoch fits, C=16 N=5 32 px, augment crop-flip, peak lr 0.1\n" in out
+    manifest = json.loads((db_path / "manifest.json").read_text())
+    for version, readable in ((1, True), (3, False)):  # format 1 (proxy labels) still reads
+        (db_path / "manifest.json").write_text(json.dumps({**manifest, "format_version": version}))
+        if readable:
+            assert Database(db_path).info()["records"] == 4
+        else:
+            with pytest.raises(UserError, match="database format 3 is not supported"):
+                Database(db_path).info()
 
 
 def test_a_record_names_the_precision_a_cpu_trained_in(monkeypatch):
