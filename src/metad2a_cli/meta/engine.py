@@ -121,22 +121,17 @@ def graph_encode(w: Weights, types: np.ndarray) -> np.ndarray:
 # -- predictor head ---------------------------------------------------------------------------
 
 
-def score(
-    w: Weights, dataset: np.ndarray, graphs: np.ndarray, terms: tuple[str, ...] = ("dataset",),
-    codes: np.ndarray | None = None,
-) -> np.ndarray:
+def score(w: Weights, dataset: np.ndarray, graphs: np.ndarray, terms: tuple[str, ...], codes: np.ndarray) -> np.ndarray:
     """dataset (latent,) and cell embeddings (N, latent) of cells ``codes`` (N,) -> (N,)
     predicted scores: the sum of the predictor's trained terms (models/predictor.py)."""
     total = np.zeros(len(graphs), dtype=np.float32)
     if "table" in terms:
         table = _linear(w, "predictor.prior.2", np.tanh(_linear(w, "predictor.prior.0", graphs)))[:, 0]
-        if codes is not None and "predictor.table_z" in w:  # checkpoints before it: the prior only
+        if "predictor.table_z" in w:  # checkpoints before it: the prior only
             known = w["predictor.table_z"][codes]
             table = np.where(np.isnan(known), table, known)
         total = total + table
     if "dataset" in terms:
-        if codes is None:
-            raise ValueError("the dataset term scores cells by their codes")
         unit = dataset / max(float(np.linalg.norm(dataset)), 1e-12)  # as F.normalize
         edges = w["predictor.dataset_term.shared"] + w["predictor.dataset_term.by_dataset.weight"] @ unit  # (30,)
         total = total + edges[_edge_op_columns(codes)].sum(-1)

@@ -72,12 +72,10 @@ class MetaPredictor(nn.Module):
         """Cell embeddings (B, latent) -> (B,) the learned dataset-independent scores."""
         return self.prior(graphs).squeeze(-1)
 
-    def table_score(self, graphs: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+    def table_score(self, graphs: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """(B,) dataset-independent scores: the table's value where cells ``codes`` (B,) are
-        listed, else the prior's; without codes, the prior's."""
+        listed, else the prior's."""
         learned = self.prior_score(graphs)
-        if codes is None:
-            return learned
         known = self.table_z[codes]
         return torch.where(torch.isnan(known), learned, known)
 
@@ -85,14 +83,11 @@ class MetaPredictor(nn.Module):
         """dataset (B, latent) and cells' Cell.code (B,) -> (B,) scores."""
         return self.dataset_term(dataset, codes)
 
-    def score(self, dataset: torch.Tensor, graphs: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
-        """The sum of the trained terms: dataset (B, latent), cells (B, latent) -> (B,);
-        ``codes`` (B,) the cells' Cell.code, to use the table where it lists them (the
-        dataset term needs them)."""
+    def score(self, dataset: torch.Tensor, graphs: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """The sum of the trained terms: dataset (B, latent), cells (B, latent) and their
+        Cell.code (B,) -> (B,)."""
         total = self.table_score(graphs, codes) if "table" in self.terms else 0.0
         if "dataset" in self.terms:
-            if codes is None:
-                raise ValueError("the dataset term scores cells by their codes")
             total = total + self.dataset_score(dataset, codes)
         return total
 
