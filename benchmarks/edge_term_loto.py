@@ -57,9 +57,10 @@ def task_arrays(by_task: dict[str, list], table_z: np.ndarray) -> tuple[dict, di
 
 def residual_term(x: dict, y: dict, base: dict, tasks: list[str], penalty: float) -> np.ndarray:
     """The dataset term's shared part: (30,) edge weights fitted to what the table misses
-    within each of ``tasks`` (labels minus the task-centred table)."""
+    within each of ``tasks`` (labels minus the task-centred table). As in training, the
+    term is centred within each task too: only its differences between a task's cells count."""
     target = [y[t] - (base[t] - base[t].mean()) for t in tasks]
-    return ridge(np.concatenate([x[t] for t in tasks]), np.concatenate(target), penalty)
+    return ridge(np.concatenate([x[t] - x[t].mean(0) for t in tasks]), np.concatenate(target), penalty)
 
 
 def first_within_top(table_z: np.ndarray, term: np.ndarray) -> int:

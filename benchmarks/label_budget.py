@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import math
 import os
 import statistics
 import time
@@ -75,7 +76,7 @@ def edge_term_without(records: list, table: np.ndarray, task: str) -> np.ndarray
     return residual_term(x, y, base, others, EDGE_RIDGE)
 
 
-def compare(task, base: dict, longer: dict, table: np.ndarray, term: np.ndarray) -> dict:
+def compare(task, base: dict, base_devices: dict, longer: dict, table: np.ndarray, term: np.ndarray) -> dict:
     cells = [c for c in base if c in longer]
     a = np.array([base[c] for c in cells])
     b = np.array([longer[c]["accuracy"] for c in cells])
@@ -84,7 +85,8 @@ def compare(task, base: dict, longer: dict, table: np.ndarray, term: np.ndarray)
     with_term = (t - np.nanmean(table)) / np.nanstd(table) + np.array([edge_ops(c) for c in cells]) @ term
     return {
         "task": task.id, "source": task.source, "classes": len(task.classes), "cells": len(cells),
-        "devices": sorted({longer[c]["device"] for c in cells}),
+        # Both sides' precision: a float32 record against a bfloat16 relabel also differs by rounding.
+        "devices": {"database": sorted({base_devices[c] for c in cells}), "longer": sorted({longer[c]["device"] for c in cells})},
         "table_spearman_database": round(spearman(a, t), 3),
         "table_spearman_longer": round(spearman(b, t), 3),
         "budgets_spearman": round(spearman(a, b), 3),
@@ -99,15 +101,16 @@ def compare(task, base: dict, longer: dict, table: np.ndarray, term: np.ndarray)
 def report(db: Database, settings: BuildSettings, records: list, labels: list[dict]) -> dict:
     table = published_accuracy(load_table(db.path / TABLE_FILE))
     tasks = {t.id: t for t in db.tasks()}
-    base = defaultdict(dict)
+    base, base_devices = defaultdict(dict), defaultdict(dict)
     for r in records:
         base[r.task][r.cell] = r.accuracy
+        base_devices[r.task][r.cell] = r.device or "unknown"
     by_budget = defaultdict(lambda: defaultdict(dict))
     for x in labels:
         by_budget[x["epochs"]][x["task"]][x["cell"]] = x
     budgets = {}
     for epochs, by_task in sorted(by_budget.items()):
-        rows = [compare(tasks[tid], base[tid], longer, table, edge_term_without(records, table, tid))
+        rows = [compare(tasks[tid], base[tid], base_devices[tid], longer, table, edge_term_without(records, table, tid))
                 for tid, longer in sorted(by_task.items())]
         rows = [r for r in rows if r["cells"] >= 3]
         full = [r for r in rows if r["cells"] >= COMPLETE]
@@ -128,6 +131,8 @@ def report(db: Database, settings: BuildSettings, records: list, labels: list[di
     return {
         "database": str(db.path.relative_to(REPO) if db.path.is_relative_to(REPO) else db.path),
         "schedule": settings.schedule.to_dict(), "seed": settings.seed,
+        # What the curves and each task's edge term (fitted without it) were computed from.
+        "database_records": len(records), "database_tasks": len({r.task for r in records}),
         "database_curves": curve_agreement(records, table),
         "budgets": budgets, "labels": labels,
     }
@@ -153,11 +158,14 @@ def locked_update(out: Path, new: dict | None, summarise: Callable[[list[dict]],
 
 
 def _paired(diff: list[float]) -> dict:
+    """A task whose labels are all equal has no Spearman (NaN): counted, not compared."""
+    undefined = sum(not math.isfinite(d) for d in diff)
+    diff = [d for d in diff if math.isfinite(d)]
     if not diff:
-        return {}
+        return {"undefined": undefined}
     return {"mean": round(statistics.mean(diff), 3), "median": round(statistics.median(diff), 3),
             "higher": sum(d > 0 for d in diff), "lower": sum(d < 0 for d in diff),
-            "sign_flip_p": sign_flip_p(diff)}
+            "sign_flip_p": sign_flip_p(diff), "undefined": undefined}
 
 
 def _median(values) -> float | None:

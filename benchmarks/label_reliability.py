@@ -158,6 +158,8 @@ def main() -> None:
         "complete_tasks": sum(r["complete"] for r in rows),
         "median_table_spearman_complete": round(statistics.median(r["table_spearman"] for r in rows if r["complete"]), 3)
         if any(r["complete"] for r in rows) else None,
+        "median_reliability_complete": round(statistics.median(r["reliability"] for r in rows if r["complete"]), 3)
+        if any(r["complete"] for r in rows) else None,
         "by_source": sources, "heldout_transfer": transfer, "tasks_detail": rows,
     }
     text = json.dumps(report, indent=1)
