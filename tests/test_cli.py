@@ -129,7 +129,7 @@ def _save_run(cache: Path, run_id: str, cells: list[str], num_classes: int) -> N
     runs.mkdir(parents=True, exist_ok=True)
     doc = {
         "id": run_id,
-        "dataset": {"num_classes": num_classes, "in_channels": 3},
+        "dataset": {"num_classes": num_classes},
         "ranking": [{"rank": i + 1, "cell": c} for i, c in enumerate(cells)],
     }
     (runs / f"{run_id}.json").write_text(json.dumps(doc))

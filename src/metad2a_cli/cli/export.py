@@ -21,7 +21,7 @@ def export(
     ),
     num_classes: int = typer.Option(None, "--num-classes", help="Classes (default 10, or the run's)."),
     input_size: tuple[int, int] = typer.Option(None, "--input-size", help="Input height and width (default 32 32)."),
-    in_channels: int = typer.Option(None, "--in-channels", help="Image channels: 1 or 3 (default 3, or the run's)."),
+    in_channels: int = typer.Option(None, "--in-channels", help="Image channels: 1 or 3 (default 3)."),
     channels: int = typer.Option(None, "--channels", help="Width C of the first stage (default 16)."),
     cells: int = typer.Option(None, "--cells", help="Cells per stage N (default 5)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the (untrained) initial weights."),
@@ -62,7 +62,6 @@ def export(
         saved = load_run(run)
         cell = saved.at_rank(rank)
         num_classes = saved.num_classes if num_classes is None else num_classes
-        in_channels = saved.in_channels if in_channels is None else in_channels
     else:
         cell = Cell.from_any(arch)
     config = NetworkConfig(

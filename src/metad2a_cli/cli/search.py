@@ -62,7 +62,6 @@ def search(
             "dropped_classes": feats.dropped_classes,
             "num_samples": num_samples,
             "files": feats.files,
-            "in_channels": 3,
         },
         "weights": {"source": ckpt.source, "path": str(ckpt.path), "name": ckpt.config.get("name"), "sha256": model.identity},
         "seed": seed,

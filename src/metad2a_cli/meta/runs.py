@@ -31,7 +31,6 @@ class SavedRun:
     id: str
     path: Path
     num_classes: int
-    in_channels: int
     ranking: tuple[SavedRank, ...]
     classes: tuple[str, ...] = ()  # the searched folder's class names
 
@@ -71,7 +70,6 @@ def load_run(run: str, root: Path | None = None) -> SavedRun:
             id=str(data["id"]),
             path=path,
             num_classes=int(dataset["num_classes"]),
-            in_channels=int(dataset.get("in_channels", 3)),
             ranking=ranking,
             classes=tuple(str(c) for c in dataset.get("classes", ())),
         )
