@@ -76,9 +76,10 @@ def edge_term_without(records: list, table: np.ndarray, task: str) -> np.ndarray
     return residual_term(x, y, base, others, EDGE_RIDGE)
 
 
-def compare(task, base: dict, base_devices: dict, longer: dict, table: np.ndarray, term: np.ndarray) -> dict:
+def compare(task, base: dict, longer: dict, table: np.ndarray, term: np.ndarray) -> dict:
+    """``base``: the task's database records by cell; ``longer``: its relabels by cell."""
     cells = [c for c in base if c in longer]
-    a = np.array([base[c] for c in cells])
+    a = np.array([base[c].accuracy for c in cells])
     b = np.array([longer[c]["accuracy"] for c in cells])
     t = table[[Cell.parse(c).code for c in cells]]
     # Learned from the other tasks' short labels: does it still say what longer fits add to the table?
@@ -86,7 +87,7 @@ def compare(task, base: dict, base_devices: dict, longer: dict, table: np.ndarra
     return {
         "task": task.id, "source": task.source, "classes": len(task.classes), "cells": len(cells),
         # Both sides' precision: a float32 record against a bfloat16 relabel also differs by rounding.
-        "devices": {"database": sorted({base_devices[c] for c in cells}), "longer": sorted({longer[c]["device"] for c in cells})},
+        "devices": {"database": sorted({base[c].device or "unknown" for c in cells}), "longer": sorted({longer[c]["device"] for c in cells})},
         "table_spearman_database": round(spearman(a, t), 3),
         "table_spearman_longer": round(spearman(b, t), 3),
         "budgets_spearman": round(spearman(a, b), 3),
@@ -101,16 +102,15 @@ def compare(task, base: dict, base_devices: dict, longer: dict, table: np.ndarra
 def report(db: Database, settings: BuildSettings, records: list, labels: list[dict]) -> dict:
     table = published_accuracy(load_table(db.path / TABLE_FILE))
     tasks = {t.id: t for t in db.tasks()}
-    base, base_devices = defaultdict(dict), defaultdict(dict)
+    base = defaultdict(dict)
     for r in records:
-        base[r.task][r.cell] = r.accuracy
-        base_devices[r.task][r.cell] = r.device or "unknown"
+        base[r.task][r.cell] = r
     by_budget = defaultdict(lambda: defaultdict(dict))
     for x in labels:
         by_budget[x["epochs"]][x["task"]][x["cell"]] = x
     budgets = {}
     for epochs, by_task in sorted(by_budget.items()):
-        rows = [compare(tasks[tid], base[tid], base_devices[tid], longer, table, edge_term_without(records, table, tid))
+        rows = [compare(tasks[tid], base[tid], longer, table, edge_term_without(records, table, tid))
                 for tid, longer in sorted(by_task.items())]
         rows = [r for r in rows if r["cells"] >= 3]
         full = [r for r in rows if r["cells"] >= COMPLETE]
