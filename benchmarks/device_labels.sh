@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One lent GPU session's worth of databases/nb201 labels, ready to run.
-# Until fit's rate is settled, run benchmarks/device_heldout.sh first (docs/labels.md, Reproduce).
+# One lent GPU session's worth of database labels, ready to run: by default databases/nb201_30ep,
+# the 30-epoch rebuild (docs/labels.md, "The 30-epoch database").
 #
 # Here, on the CPU, first:
 #   python benchmarks/gpu_pack.py --budget-mb 40        # .gpu/: only tasks that still lack records
@@ -11,16 +11,17 @@
 # On the device machine (device tool, carry [".gpu"], timeout_s 600):
 #   bash benchmarks/device_labels.sh
 # Back here, with the run's files:
-#   python benchmarks/gpu_import.py databases/nb201 FILES_AT
+#   python benchmarks/gpu_import.py databases/nb201_30ep FILES_AT
 #
 # The speed phase (at most a quarter of the deadline; 10 cells, the size of a task) times
 # the ensemble and the cells-apart variants and labels with the fastest that agrees with
-# the eager ensemble; the epochs are the database's own (10), so the records can be
-# imported: without --epochs the script calibrates a budget on CIFAR-10 cells, and records
+# the eager ensemble; the epochs are the database's own (the pack's schedule.json), so the
+# records can be imported: without --epochs the script calibrates a budget on CIFAR-10 cells, and records
 # at another budget are refused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?the device tool sets OUT}"
+EPOCHS=$(python3 -c "import json; print(json.load(open('.gpu/schedule.json'))['epochs'])")
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
 PYTHONPATH=src python3 benchmarks/gpu_labels.py --pack .gpu --out "$OUT" \
-    --deadline "${DEADLINE:-480}" --epochs 10 --speed-cells 10 --no-old-proxy
+    --deadline "${DEADLINE:-480}" --epochs "$EPOCHS" --speed-cells 10 --no-old-proxy

@@ -8,7 +8,7 @@ Also packed: a 1,000-image CIFAR-10 calibration task (10 classes x 100 images, 2
 validation) with the published accuracies of the calibration cells, used only to check
 how well a label schedule ranks cells.
 
-    python benchmarks/gpu_pack.py --db databases/nb201 --out .gpu --budget-mb 40
+    python benchmarks/gpu_pack.py --db databases/nb201_30ep --out .gpu --budget-mb 40
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def pack_tasks(db: Path, out: Path, budget: float) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--db", type=Path, default=REPO / "databases" / "nb201")
+    ap.add_argument("--db", type=Path, default=REPO / "databases" / "nb201_30ep")
     ap.add_argument("--out", type=Path, default=REPO / ".gpu")
     ap.add_argument("--budget-mb", type=float, default=40.0)
     args = ap.parse_args()

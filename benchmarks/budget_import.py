@@ -1,0 +1,73 @@
+"""Append the labels `label_budget.py` made to a database built at their budget.
+
+`label_budget.py` labels a database's tasks again at another epoch budget, each cell exactly as
+`metad2a db build --epochs N` would: the same split, fit seed, augmentation, rate and network,
+one cell at a time. A database drawn with the same settings at that budget (same tasks, same
+cells) can therefore take those labels as its records instead of training them again. This
+checks that it is such a database: the two manifests' draws and sources must be equal, their
+schedules may differ only in the epochs, and the labels' epochs must be the new database's.
+
+    python benchmarks/budget_import.py databases/nb201_30ep --from databases/nb201 --labels docs/label_budget.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from metad2a_cli.meta.db import Database, Record
+
+
+def best_epoch(curve: list[float]) -> int:
+    """1-based: the earliest best epoch, as fit keeps it."""
+    return 1 + max(range(len(curve)), key=lambda e: (curve[e], -e))
+
+
+def importable(target: Database, source: Database, labels: list[dict]) -> list[Record]:
+    """The labels as ``target``'s records; SystemExit when ``target`` is not ``source`` drawn again at their budget."""
+    new, old = target.manifest, source.manifest
+    if new["sources"] != old["sources"] or new["encoder"] != old["encoder"]:
+        raise SystemExit(f"{target.path} was drawn from other sources or features than {source.path}")
+    draw = {k: v for k, v in new["settings"].items() if k != "schedule"}
+    if draw != {k: v for k, v in old["settings"].items() if k != "schedule"}:
+        raise SystemExit(f"{target.path} drew its tasks with other settings than {source.path}")
+    schedule = target.schedule.to_dict()
+    if {**source.schedule.to_dict(), "epochs": schedule["epochs"]} != schedule:
+        raise SystemExit(f"{target.path} labels with {schedule}; the labels differ from it in more than the epochs")
+    if target.tasks() != source.tasks():
+        raise SystemExit(f"{target.path} and {source.path} hold different tasks")
+    cells = {t.id: set(t.cells) for t in target.tasks()}
+    records = []
+    for x in labels:
+        if x["epochs"] != schedule["epochs"]:
+            continue
+        if x["cell"] not in cells.get(x["task"], ()):
+            raise SystemExit(f"{x['task']} has no cell {x['cell']}")
+        records.append(Record(x["task"], x["cell"], x["accuracy"], x["seconds"], best_epoch(x["curve"]), x["curve"], x["device"]))
+    return records
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("db", type=Path, help="the database at the labels' budget")
+    ap.add_argument("--from", dest="source", type=Path, required=True, help="the database label_budget.py relabelled")
+    ap.add_argument("--labels", type=Path, required=True, help="label_budget.py's --out")
+    ap.add_argument("--shard", default="0/1")
+    args = ap.parse_args()
+    target = Database(args.db)
+    records = importable(target, Database(args.source), json.loads(args.labels.read_text())["labels"])
+    done = {(r.task, r.cell) for r in target.records()}
+    i, n = (int(x) for x in args.shard.split("/"))
+    added = 0
+    with target.shard_writer((i, n)) as append:
+        for r in records:
+            if (r.task, r.cell) not in done:
+                append(r)
+                done.add((r.task, r.cell))
+                added += 1
+    print(f"{added} records added to {args.db} ({len(records) - added} already there)")
+
+
+if __name__ == "__main__":
+    main()
