@@ -11,11 +11,14 @@ every complete task. A curve's epoch 5 is not a 5-epoch fit (its rate has not an
 that part shows a trend, not a schedule.
 
 Results are merged into ``--out`` after every cell, so a killed run resumes where it stopped;
-``--share i/n`` lets n processes split the tasks.
+``--share i/n`` lets n processes split the tasks. ``--longer-db`` adds the records of a
+database drawn the same way at the longer budget (``databases/nb201_30ep``, whose first
+records are this script's labels): every task both databases hold is compared, and the
+tasks were labelled in the draw's order, not chosen.
 
     python benchmarks/label_budget.py --tasks t00018 t00012 --share 0/2 &
     python benchmarks/label_budget.py --tasks t00018 t00012 --share 1/2
-    python benchmarks/label_budget.py --report-only
+    python benchmarks/label_budget.py --report-only --longer-db databases/nb201_30ep
 
 A label at 30 epochs costs three database records (minutes each on a 2-core CPU).
 """
@@ -48,6 +51,9 @@ from metad2a_cli.training.labels import label_cells
 
 REPO = Path(__file__).resolve().parents[1]
 COMPLETE = 10  # a task's cells when its build finished
+# Picked for their 10-epoch reliability (one per kind of source) before any 30-epoch label;
+# every other task was drawn: a seeded shuffle, or the database's own order.
+CHOSEN = ("t00011", "t00012", "t00018", "t00019")
 
 
 def curve_agreement(records: list, table: np.ndarray) -> list[dict]:
@@ -99,21 +105,31 @@ def compare(task, base: dict, longer: dict, table: np.ndarray, term: np.ndarray)
     }
 
 
-def report(db: Database, settings: BuildSettings, records: list, labels: list[dict]) -> dict:
+def as_labels(db: Database) -> list[dict]:
+    """A database's records in this script's label form, at its budget."""
+    epochs = db.schedule.epochs
+    return [{"task": r.task, "cell": r.cell, "epochs": epochs, "accuracy": r.accuracy, "curve": r.curve,
+             "seconds": r.seconds, "device": r.device} for r in db.records()]
+
+
+def report(db: Database, settings: BuildSettings, records: list, labels: list[dict], longer_db: Database | None = None) -> dict:
+    """``labels``: this script's own, kept in the report; ``longer_db``'s records are compared
+    beside them (the same cell labelled by both counts once, this script's label first)."""
     table = published_accuracy(load_table(db.path / TABLE_FILE))
     tasks = {t.id: t for t in db.tasks()}
     base = defaultdict(dict)
     for r in records:
         base[r.task][r.cell] = r
     by_budget = defaultdict(lambda: defaultdict(dict))
-    for x in labels:
-        by_budget[x["epochs"]][x["task"]][x["cell"]] = x
+    for x in labels + (as_labels(longer_db) if longer_db else []):
+        by_budget[x["epochs"]][x["task"]].setdefault(x["cell"], x)
     budgets = {}
     for epochs, by_task in sorted(by_budget.items()):
         rows = [compare(tasks[tid], base[tid], longer, table, edge_term_without(records, table, tid))
                 for tid, longer in sorted(by_task.items())]
         rows = [r for r in rows if r["cells"] >= 3]
         full = [r for r in rows if r["cells"] >= COMPLETE]
+        drawn = [r for r in full if r["task"] not in CHOSEN]
         budgets[str(epochs)] = {
             "complete_tasks": len(full),
             "median_table_spearman": {
@@ -122,6 +138,15 @@ def report(db: Database, settings: BuildSettings, records: list, labels: list[di
             },
             # Each task's agreement at both budgets, on the same cells: did the longer budget raise it?
             "table_spearman_change": _paired([r["table_spearman_longer"] - r["table_spearman_database"] for r in full]),
+            # The same without the tasks chosen for their reliability: a sample of the draw.
+            "drawn": {
+                "complete_tasks": len(drawn),
+                "median_table_spearman": {
+                    f"at {settings.schedule.epochs} epochs (database)": _median(r["table_spearman_database"] for r in drawn),
+                    f"at {epochs} epochs": _median(r["table_spearman_longer"] for r in drawn),
+                },
+                "table_spearman_change": _paired([r["table_spearman_longer"] - r["table_spearman_database"] for r in drawn]),
+            },
             "median_table_plus_edge_term_spearman": {
                 f"at {settings.schedule.epochs} epochs (database)": _median(r["table_plus_edge_term_spearman_database"] for r in full),
                 f"at {epochs} epochs": _median(r["table_plus_edge_term_spearman_longer"] for r in full),
@@ -129,13 +154,18 @@ def report(db: Database, settings: BuildSettings, records: list, labels: list[di
             "tasks": rows,
         }
     return {
-        "database": str(db.path.relative_to(REPO) if db.path.is_relative_to(REPO) else db.path),
+        "database": _shown(db.path),
         "schedule": settings.schedule.to_dict(), "seed": settings.seed,
         # What the curves and each task's edge term (fitted without it) were computed from.
         "database_records": len(records), "database_tasks": len({r.task for r in records}),
         "database_curves": curve_agreement(records, table),
+        "longer_database": longer_db and {"path": _shown(longer_db.path), "records": len(longer_db.records())},
         "budgets": budgets, "labels": labels,
     }
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
 
 
 def read_labels(out: Path) -> list[dict]:
@@ -184,6 +214,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=REPO / "docs/label_budget.json")
     ap.add_argument("--report-only", action="store_true", help="summarise what --out holds, label nothing")
+    ap.add_argument("--longer-db", type=Path, help="a database drawn as --db at the longer budget: its records are compared too")
     args = ap.parse_args()
 
     import torch
@@ -201,8 +232,14 @@ def main() -> None:
     i, n = (int(x) for x in args.share.split("/"))
     mine = args.tasks[i::n]
 
+    longer_db = None
+    if args.longer_db:
+        longer_db = Database(args.longer_db.resolve())
+        if longer_db.schedule != schedule or longer_db.tasks() != db.tasks():
+            raise SystemExit(f"{args.longer_db} is not {args.db} drawn again at {args.epochs} epochs")
+
     def save(new: dict | None) -> dict:
-        return locked_update(args.out, new, lambda labels: report(db, settings, records, labels))
+        return locked_update(args.out, new, lambda labels: report(db, settings, records, labels, longer_db))
 
     dev, name = torch.device(args.device), device_name(args.device)
     if not args.report_only:
@@ -226,7 +263,8 @@ def main() -> None:
     for row in result["database_curves"]:
         print(row)
     for epochs, b in result["budgets"].items():
-        print(epochs, b["median_table_spearman"])
+        print(epochs, b["median_table_spearman"], b["table_spearman_change"])
+        print("drawn", b["drawn"])
         for row in b["tasks"]:
             print(row)
 
