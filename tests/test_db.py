@@ -126,6 +126,26 @@ def test_db_info_resolves_a_shipped_name(tmp_path, monkeypatch, capsys):
     assert "no database 'no-such-db'" in capsys.readouterr().err
 
 
+def test_shipped_databases_are_one_draw_at_two_budgets():
+    # nb201_30ep took its first records from label_budget.py's relabels of nb201's tasks
+    # (benchmarks/budget_import.py): each must be a complete 30-epoch fit of one of the
+    # task's own cells, and the two databases must hold the same tasks.
+    root = Path(__file__).resolve().parents[1] / "databases"
+    short, long = Database(root / "nb201"), Database(root / "nb201_30ep")
+    assert (short.path / "tasks.json").read_bytes() == (long.path / "tasks.json").read_bytes()
+    assert replace(short.schedule, epochs=30) == long.schedule
+    same = ("encoder", "sources")
+    assert {k: short.manifest[k] for k in same} == {k: long.manifest[k] for k in same}
+    drawn = lambda db: {k: v for k, v in db.manifest["settings"].items() if k != "schedule"}  # noqa: E731
+    assert drawn(short) == drawn(long)
+    cells = {t.id: set(t.cells) for t in long.tasks()}
+    for db in (short, long):
+        for r in db.records():
+            assert r.cell in cells[r.task]
+            assert len(r.curve) == db.schedule.epochs and r.accuracy == max(r.curve)
+            assert r.curve[r.best_epoch - 1] == r.accuracy
+
+
 def test_shards_lock_and_merge(sources, tmp_path):
     db_path = tmp_path / "db"
     build(db_path, sources, settings(), shard=(0, 2), device="cpu")

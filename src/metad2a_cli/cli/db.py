@@ -132,7 +132,10 @@ def build(
 @app.command("info")
 @reflowed
 def info(
-    db: str = typer.Argument(..., help="Database folder, or the name of a shipped one (nb201)."),
+    db: str = typer.Argument(..., help=(
+        "Database folder, or the name of one in a clone's databases/: "
+        "nb201 (10-epoch labels), nb201_30ep (30-epoch, being built)."
+    )),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Tasks, records, sources and the accuracy distribution of a database.

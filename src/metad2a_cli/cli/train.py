@@ -8,7 +8,10 @@ from .common import INTERRUPTED, console, err_console, lazy_progress, print_json
 
 
 def train(
-    db: str = typer.Option("nb201", "--db", help="Database folder, or the name of a shipped one (nb201)."),
+    db: str = typer.Option("nb201", "--db", help=(
+        "Database folder, or the name of one in a clone's databases/: "
+        "nb201 (10-epoch labels), nb201_30ep (30-epoch, being built)."
+    )),
     out: Path = typer.Option(Path("metad2a-weights"), "--out", "-o", help="Checkpoint folder to write."),
     epochs: int = typer.Option(60, "--epochs", help="Passes over the training tasks."),
     tasks_per_step: int = typer.Option(8, "--tasks-per-step", help="Tasks per optimisation step."),

@@ -457,7 +457,7 @@ def resolve_database(name_or_path: str) -> Path:
             if (root / name_or_path / "manifest.json").is_file():
                 return root / name_or_path
         raise UserError(f"no database {name_or_path!r} in ./databases or {cache_dir() / 'databases'}: give a folder "
-                        "made by `metad2a db build`, or run from a clone of metad2a (its databases/ holds nb201; an "
+                        "made by `metad2a db build`, or run from a clone of metad2a (its databases/ holds nb201 and nb201_30ep; an "
                         "installed package does not)")
     raise UserError(f"no database at {name_or_path}: give a folder made by `metad2a db build`")
 
