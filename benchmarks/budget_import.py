@@ -5,7 +5,9 @@
 one cell at a time. A database drawn with the same settings at that budget (same tasks, same
 cells) can therefore take those labels as its records instead of training them again. This
 checks that it is such a database: the two manifests' draws and sources must be equal, their
-schedules may differ only in the epochs, and the labels' epochs must be the new database's.
+schedules may differ only in the epochs, and the labels file must have been made from
+``--from`` (its database, schedule and seed). Labels at another budget than the new
+database's are left out; the rest become records, each a full curve of that budget.
 
     python benchmarks/budget_import.py databases/nb201_30ep --from databases/nb201 --labels docs/label_budget.json
 """
@@ -16,7 +18,9 @@ import argparse
 import json
 from pathlib import Path
 
-from metad2a_cli.meta.db import Database, Record
+from metad2a_cli.meta.db import Database, Record, parse_shard
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def best_epoch(curve: list[float]) -> int:
@@ -24,8 +28,13 @@ def best_epoch(curve: list[float]) -> int:
     return 1 + max(range(len(curve)), key=lambda e: (curve[e], -e))
 
 
-def importable(target: Database, source: Database, labels: list[dict]) -> list[Record]:
-    """The labels as ``target``'s records; SystemExit when ``target`` is not ``source`` drawn again at their budget."""
+def importable(target: Database, source: Database, made: dict) -> list[Record]:
+    """``made``: label_budget.py's report. Its labels as ``target``'s records; SystemExit when
+    they were not made from ``source``, or ``target`` is not ``source`` drawn again at their budget."""
+    if (REPO / made["database"]).resolve() != source.path.resolve():  # label_budget.py names it from the repository
+        raise SystemExit(f"the labels were made from {made['database']}, not {source.path}")
+    if made["schedule"] != source.schedule.to_dict() or made["seed"] != source.manifest["settings"]["seed"]:
+        raise SystemExit(f"the labels were made with schedule {made['schedule']} and seed {made['seed']}, not {source.path}'s")
     new, old = target.manifest, source.manifest
     if new["sources"] != old["sources"] or new["encoder"] != old["encoder"]:
         raise SystemExit(f"{target.path} was drawn from other sources or features than {source.path}")
@@ -34,16 +43,18 @@ def importable(target: Database, source: Database, labels: list[dict]) -> list[R
         raise SystemExit(f"{target.path} drew its tasks with other settings than {source.path}")
     schedule = target.schedule.to_dict()
     if {**source.schedule.to_dict(), "epochs": schedule["epochs"]} != schedule:
-        raise SystemExit(f"{target.path} labels with {schedule}; the labels differ from it in more than the epochs")
+        raise SystemExit(f"{target.path} labels with {schedule}: more than the epochs differ from {source.path}'s")
     if target.tasks() != source.tasks():
         raise SystemExit(f"{target.path} and {source.path} hold different tasks")
     cells = {t.id: set(t.cells) for t in target.tasks()}
     records = []
-    for x in labels:
+    for x in made["labels"]:
         if x["epochs"] != schedule["epochs"]:
             continue
         if x["cell"] not in cells.get(x["task"], ()):
             raise SystemExit(f"{x['task']} has no cell {x['cell']}")
+        if len(x["curve"]) != x["epochs"] or x["accuracy"] != max(x["curve"]):
+            raise SystemExit(f"{x['task']} {x['cell']}: the label is not the best of a {x['epochs']}-epoch curve")
         records.append(Record(x["task"], x["cell"], x["accuracy"], x["seconds"], best_epoch(x["curve"]), x["curve"], x["device"]))
     return records
 
@@ -53,14 +64,13 @@ def main() -> None:
     ap.add_argument("db", type=Path, help="the database at the labels' budget")
     ap.add_argument("--from", dest="source", type=Path, required=True, help="the database label_budget.py relabelled")
     ap.add_argument("--labels", type=Path, required=True, help="label_budget.py's --out")
-    ap.add_argument("--shard", default="0/1")
+    ap.add_argument("--shard", default="0/1", help="the shard file to append to (stop and merge running builders first)")
     args = ap.parse_args()
     target = Database(args.db)
-    records = importable(target, Database(args.source), json.loads(args.labels.read_text())["labels"])
+    records = importable(target, Database(args.source), json.loads(args.labels.read_text()))
     done = {(r.task, r.cell) for r in target.records()}
-    i, n = (int(x) for x in args.shard.split("/"))
     added = 0
-    with target.shard_writer((i, n)) as append:
+    with target.shard_writer(parse_shard(args.shard)) as append:
         for r in records:
             if (r.task, r.cell) not in done:
                 append(r)

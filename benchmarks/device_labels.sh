@@ -10,7 +10,10 @@
 # and restore it after (git reset -q databases; drop the exclude line).
 # On the device machine (device tool, carry [".gpu"], timeout_s 600):
 #   bash benchmarks/device_labels.sh
-# Back here, with the run's files:
+# Back here, with the run's files: stop any CPU builders of the database and merge (an import
+# writes its own shard file, which a running split refuses), import, then start the builders
+# again (they skip what the GPU labelled; the pack began at the first tasks they had left):
+#   pkill -TERM -f "metad2a db build databases/nb201_30ep"; metad2a db merge databases/nb201_30ep
 #   python benchmarks/gpu_import.py databases/nb201_30ep FILES_AT
 #
 # The speed phase (at most a quarter of the deadline; 10 cells, the size of a task) times

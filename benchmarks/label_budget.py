@@ -12,9 +12,9 @@ that part shows a trend, not a schedule.
 
 Results are merged into ``--out`` after every cell, so a killed run resumes where it stopped;
 ``--share i/n`` lets n processes split the tasks. ``--longer-db`` adds the records of a
-database drawn the same way at the longer budget (``databases/nb201_30ep``, whose first
-records are this script's labels): every task both databases hold is compared, and the
-tasks were labelled in the draw's order, not chosen.
+database drawn the same way at the longer budget (``databases/nb201_30ep``): every task both
+databases hold is compared. Its first records are this script's labels (the tasks below);
+its builders then label in the draw's order.
 
     python benchmarks/label_budget.py --tasks t00018 t00012 --share 0/2 &
     python benchmarks/label_budget.py --tasks t00018 t00012 --share 1/2
@@ -43,7 +43,8 @@ from label_reliability import edge_ops, published_accuracy
 from paired import sign_flip_p
 
 from metad2a_cli.atomic import atomic_paths
-from metad2a_cli.meta.db import BuildSettings, Database, device_name, load_task_images, task_seed
+from metad2a_cli.data.images import read_image_folder
+from metad2a_cli.meta.db import BuildSettings, Database, device_name, load_task_images, source_hash, task_seed
 from metad2a_cli.meta.table import TABLE_FILE, load_table
 from metad2a_cli.meta.train import EDGE_RIDGE, spearman
 from metad2a_cli.nb201.cells import Cell
@@ -125,9 +126,10 @@ def report(db: Database, settings: BuildSettings, records: list, labels: list[di
         by_budget[x["epochs"]][x["task"]].setdefault(x["cell"], x)
     budgets = {}
     for epochs, by_task in sorted(by_budget.items()):
+        # A task needs a few cells labelled at both budgets to have a Spearman at all.
+        shared = {tid: longer for tid, longer in by_task.items() if len(longer.keys() & base[tid].keys()) >= 3}
         rows = [compare(tasks[tid], base[tid], longer, table, edge_term_without(records, table, tid))
-                for tid, longer in sorted(by_task.items())]
-        rows = [r for r in rows if r["cells"] >= 3]
+                for tid, longer in sorted(shared.items())]
         full = [r for r in rows if r["cells"] >= COMPLETE]
         drawn = [r for r in full if r["task"] not in CHOSEN]
         budgets[str(epochs)] = {
@@ -242,6 +244,7 @@ def main() -> None:
         return locked_update(args.out, new, lambda labels: report(db, settings, records, labels, longer_db))
 
     dev, name = torch.device(args.device), device_name(args.device)
+    checked: set[str] = set()
     if not args.report_only:
         for tid in mine:
             task = tasks[tid]
@@ -250,6 +253,10 @@ def main() -> None:
             if not todo:
                 continue
             root = args.sources / task.source
+            if task.source not in checked:  # the images the database was drawn from, not others of the name
+                if source_hash(read_image_folder(root)) != db.manifest["sources"][task.source]["hash"]:
+                    raise SystemExit(f"{root} is not the {task.source} that {args.db} was drawn from")
+                checked.add(task.source)
             size = schedule.input_size
             train, val = load_task_images(root, task.train, size), load_task_images(root, task.val, size)
             for cell in todo:

@@ -141,9 +141,9 @@ def test_shipped_databases_are_one_draw_at_two_budgets():
     cells = {t.id: set(t.cells) for t in long.tasks()}
     for db in (short, long):
         for r in db.records():
-            assert r.cell in cells[r.task]
+            assert r.cell in cells.get(r.task, ())
             assert len(r.curve) == db.schedule.epochs and r.accuracy == max(r.curve)
-            assert r.curve[r.best_epoch - 1] == r.accuracy
+            assert r.curve.index(r.accuracy) == r.best_epoch - 1  # the earliest best, as fit keeps it
 
 
 def test_shards_lock_and_merge(sources, tmp_path):
