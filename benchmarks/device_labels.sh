@@ -27,4 +27,4 @@ cd "$(dirname "$0")/.."
 EPOCHS=$(python3 -c "import json; print(json.load(open('.gpu/schedule.json'))['epochs'])")
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
 PYTHONPATH=src python3 benchmarks/gpu_labels.py --pack .gpu --out "$OUT" \
-    --deadline "${DEADLINE:-480}" --epochs "$EPOCHS" --speed-cells 10 --no-old-proxy
+    --deadline "${DEADLINE:-480}" --epochs "$EPOCHS" --speed-cells 10 --no-old-proxy ${LABELS_ARGS:-}
