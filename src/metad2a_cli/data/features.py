@@ -237,7 +237,7 @@ def encode_images(
     num_samples: int = 20,
     seed: int = 0,
     encoder: ImageEncoder | None = None,
-    cache: bool | FeatureCache = True,
+    cache: bool = True,
     progress: Progress | None = None,
 ) -> DatasetFeatures:
     """Features of up to ``num_samples`` readable images per class of ``folder``.
@@ -250,7 +250,7 @@ def encode_images(
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")
     encoder = encoder or ImageEncoder()
-    store = cache if isinstance(cache, FeatureCache) else FeatureCache(enabled=cache)
+    store = FeatureCache(enabled=cache)
     tag = _encoder_tag(encoder)
     stats = EncodeStats()
     skipped = list(folder.skipped)
