@@ -161,7 +161,8 @@ def report(db: Database, settings: BuildSettings, records: list, labels: list[di
         # What the curves and each task's edge term (fitted without it) were computed from.
         "database_records": len(records), "database_tasks": len({r.task for r in records}),
         "database_curves": curve_agreement(records, table),
-        "longer_database": longer_db and {"path": _shown(longer_db.path), "records": len(longer_db.records())},
+        "longer_database": longer_db and {"path": _shown(longer_db.path), "records": len(longer_db.records()),
+                                          "curves": curve_agreement(longer_db.records(), table)},
         "budgets": budgets, "labels": labels,
     }
 
