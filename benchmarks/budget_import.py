@@ -18,6 +18,8 @@ import argparse
 import json
 from pathlib import Path
 
+from gpu_import import append_new
+
 from metad2a_cli.meta.db import Database, Record, parse_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,14 +70,7 @@ def main() -> None:
     args = ap.parse_args()
     target = Database(args.db)
     records = importable(target, Database(args.source), json.loads(args.labels.read_text()))
-    done = {(r.task, r.cell) for r in target.records()}
-    added = 0
-    with target.shard_writer(parse_shard(args.shard)) as append:
-        for r in records:
-            if (r.task, r.cell) not in done:
-                append(r)
-                done.add((r.task, r.cell))
-                added += 1
+    added = append_new(target, records, parse_shard(args.shard))
     print(f"{added} records added to {args.db} ({len(records) - added} already there)")
 
 

@@ -14,7 +14,20 @@ import argparse
 import json
 from pathlib import Path
 
-from metad2a_cli.meta.db import Database, Record
+from metad2a_cli.meta.db import Database, Record, parse_shard
+
+
+def append_new(db: Database, records: list[Record], shard: tuple[int, int]) -> int:
+    """Append the records ``db`` does not hold yet through its shard writer; returns how many."""
+    done = {(r.task, r.cell) for r in db.records()}
+    added = 0
+    with db.shard_writer(shard) as append:
+        for r in records:
+            if (r.task, r.cell) not in done:
+                append(r)
+                done.add((r.task, r.cell))
+                added += 1
+    return added
 
 
 def main() -> None:
@@ -29,19 +42,11 @@ def main() -> None:
     if ran != wanted:
         raise SystemExit(f"the run labelled with schedule {ran}; {args.db} labels with {wanted}")
     cells = {t.id: set(t.cells) for t in db.tasks()}
-    done = {(r.task, r.cell) for r in db.records()}
     new = [Record(**json.loads(line)) for line in (args.run / "records.jsonl").read_text().splitlines() if line.strip()]
     for r in new:
         if r.cell not in cells.get(r.task, ()):
             raise SystemExit(f"{r.task} has no cell {r.cell}: the run's pack came from another database")
-    i, n = (int(x) for x in args.shard.split("/"))
-    added = 0
-    with db.shard_writer((i, n)) as append:
-        for r in new:
-            if (r.task, r.cell) not in done:
-                append(r)
-                done.add((r.task, r.cell))
-                added += 1
+    added = append_new(db, new, parse_shard(args.shard))
     print(f"{added} records added to {args.db} ({len(new) - added} already there)")
 
 
