@@ -15,6 +15,12 @@ what users get (held-out fits), next to the published table.
   has 10 cells). A label is a fit, so it can agree with full training no better than `fit`
   itself does in that regime. A task's `table_sd` is the spread of its cells' published
   accuracies: the narrower, the lower a Spearman for the same noise.
+- The draw's median: builds reach tasks in draw order but not evenly over sources, so the
+  plain median over complete tasks leans to whichever sources were built first. Weighting
+  each complete task by its source's share of the whole draw (divided among the source's
+  complete tasks) estimates what the median will be once every task is built; a bootstrap
+  over tasks within each source says how sure that estimate is. Sources with no complete
+  task yet are named, since they cannot be weighted.
 
     python benchmarks/label_reliability.py --db databases/nb201 --out docs/label_reliability.json
 
@@ -26,7 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +92,42 @@ def fit_vs_table(fits: list[dict], published: np.ndarray, subsets: int = 2000) -
             "random_panel_table_sd": round(float(np.std(y)), 2)}
 
 
+def weighted_median(values, weights) -> float:
+    order = np.argsort(values)
+    v, w = np.asarray(values, float)[order], np.asarray(weights, float)[order]
+    cum = np.cumsum(w) / w.sum()
+    i = int(np.searchsorted(cum, 0.5))
+    # at an exact half the median lies between two values, as statistics.median has it
+    return float((v[i] + v[i + 1]) / 2) if np.isclose(cum[i], 0.5) and i + 1 < len(v) else float(v[i])
+
+
+def draw_weighted(rows: list[dict], drawn: dict[str, int], goal: float = 0.5, rounds: int = 2000) -> dict:
+    """The complete tasks' median agreement with each source weighted by its share of the draw."""
+    by_source = defaultdict(list)
+    for row in rows:
+        if row["complete"]:
+            by_source[row["source"]].append(row["table_spearman"])
+    seen = sorted(by_source)
+    if not seen:
+        return {}
+    total = sum(drawn[s] for s in seen)
+
+    def median_of(groups):
+        values = [v for s in seen for v in groups[s]]
+        weights = [drawn[s] / total / len(groups[s]) for s in seen for _ in groups[s]]
+        return weighted_median(values, weights)
+
+    rng = np.random.default_rng(0)
+    boot = [median_of({s: rng.choice(by_source[s], len(by_source[s])) for s in seen}) for _ in range(rounds)]
+    return {
+        "median": round(median_of(by_source), 3),
+        "bootstrap_90": [round(float(q), 3) for q in np.quantile(boot, [0.05, 0.95])],
+        f"share_of_bootstraps_at_least_{goal}": round(float(np.mean(np.array(boot) >= goal)), 3),
+        "sources_weighted": {s: drawn[s] for s in seen},
+        "sources_without_a_complete_task": {s: n for s, n in sorted(drawn.items()) if s not in by_source},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--db", type=Path, default=REPO / "databases/nb201")
@@ -129,6 +171,18 @@ def main() -> None:
             "median_table_spearman": statistics.median(r["table_spearman"] for r in rs)}
         for s, rs in sorted(by_source.items())
     }
+    # The same agreement read off the curves (best label up to an epoch), complete tasks only:
+    # which sources still gain from more epochs and which have settled.
+    drawn = Counter(t.source for t in tasks.values())
+    epochs = min((len(r.curve) for row in rows if row["complete"] for r in by_task[row["task"]]), default=0)
+    along = {}
+    for e in sorted({*range(5, epochs + 1, 5), epochs} - {0}):
+        at_e = [{**row, "table_spearman": spearman(published[[Cell.parse(r.cell).code for r in by_task[row["task"]]]],
+                                                   [max(r.curve[:e]) for r in by_task[row["task"]]])}
+                for row in rows if row["complete"]]
+        along[e] = {"draw_weighted_median": draw_weighted(at_e, drawn).get("median")}
+        for s in sorted({row["source"] for row in at_e}):
+            along[e][s] = round(statistics.median(row["table_spearman"] for row in at_e if row["source"] == s), 3)
 
     # Ridge on edge operations, fitted to every task's standardised labels.
     x = np.concatenate([[edge_ops(r.cell) for r in by_task[row["task"]]] for row in rows])
@@ -160,6 +214,8 @@ def main() -> None:
         if any(r["complete"] for r in rows) else None,
         "median_reliability_complete": round(statistics.median(r["reliability"] for r in rows if r["complete"]), 3)
         if any(r["complete"] for r in rows) else None,
+        "draw_weighted_table_spearman": draw_weighted(rows, drawn),
+        "table_spearman_along_curves": along,
         "by_source": sources, "heldout_transfer": transfer, "tasks_detail": rows,
     }
     text = json.dumps(report, indent=1)
