@@ -2,7 +2,8 @@
 would guess without us and a fixed panel of random cells.
 
 For gtsrb and fashion_mnist (never in a meta-training database) this trains, with
-`metad2a fit`'s recipe with crop-flip augmentation, a fixed epoch count and seed, on a fixed subsample:
+`metad2a fit`'s recipe with crop-flip augmentation (`--augment` for another policy), a fixed epoch
+count and seed, on a fixed subsample:
 
 - the panel: NAS-Bench-201's ResNet cell (11472), the largest cell (all 3x3
   convolutions) and 20 random cells (seeded, uniform over the 15,625);
@@ -43,8 +44,8 @@ LARGEST = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_3x3~0|nor_
 # gtsrb: 50 a class (2,150 images) so that 2x25 fits of 10 epochs fit in hours on the 2-core CPU
 SETS = {"fashion_mnist": 200, "gtsrb": 50}
 EPOCHS = 10
-# The panel was trained when crop-flip was fit's default; later fits keep it, so that every
-# result of the file is the same recipe (fit's default is now no augmentation).
+# The panel was trained when crop-flip was fit's default; later fits keep it unless told
+# otherwise (fit's default is now no augmentation), and the key names the policy.
 AUGMENT = "crop-flip"
 PANEL_RANDOM = 20
 LR = 0.1  # fit's default peak learning rate
@@ -95,12 +96,12 @@ def panel_cells() -> list[tuple[str, str]]:
     return chosen
 
 
-def recipe_key(epochs: int, seed: int, per_class: int, lr: float = LR, bf16: bool = False) -> str:
+def recipe_key(epochs: int, seed: int, per_class: int, lr: float = LR, bf16: bool = False, augment: str = AUGMENT) -> str:
     rate = "" if lr == LR else f"/lr{lr:g}"  # fit's rate is left out, as the keys always had it
     # The panel trained in float32: fits on a device that trains in bfloat16 are keyed apart,
     # so that they are never ranked among the panel's.
     precision = "/bf16" if bf16 else ""
-    return f"fit/epochs{epochs}/seed{seed}/{AUGMENT}{rate}{precision}/{per_class}-per-class"
+    return f"fit/epochs{epochs}/seed{seed}/{augment}{rate}{precision}/{per_class}-per-class"
 
 
 def trains_in_bf16(device: str, float32: bool = False) -> bool:
@@ -121,13 +122,13 @@ def fit_cell(results: list[dict], results_path: Path, name: str, cell: str, args
     from metad2a_cli.meta.db import device_name
 
     bf16 = trains_in_bf16(args.device, args.float32)
-    key = recipe_key(args.epochs, args.seed, SETS[name], args.lr, bf16)
+    key = recipe_key(args.epochs, args.seed, SETS[name], args.lr, bf16, args.augment)
     for r in results:
         if r["set"] == name and r["cell"] == cell and r["recipe"] == key:
             return r
     t0 = time.perf_counter()
     summary = metad2a(
-        "fit", str(listing), "--arch", cell, "--epochs", str(args.epochs), "--seed", str(args.seed), "--augment", AUGMENT,
+        "fit", str(listing), "--arch", cell, "--epochs", str(args.epochs), "--seed", str(args.seed), "--augment", args.augment,
         "--lr", str(args.lr), "--device", args.device, "-o", f"{tmp}/{name}-{len(results)}", float32=args.float32,
     )
     entry = {
@@ -185,6 +186,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=EPOCHS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=LR, help="peak learning rate of every fit")
+    ap.add_argument("--augment", default=AUGMENT, help="augmentation of every fit (fit's own default is none)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--float32", action="store_true", help="fit in float32 where the device computes bfloat16 (to rank among the float32 panel)")
     ap.add_argument("--results", type=Path, default=REPO / "docs" / "heldout_fits.json")
@@ -216,7 +218,7 @@ def main() -> None:
                 for _, cell in panel_cells():
                     fit_cell(results, args.results, name, cell, args, lists[name], tmp)
         for name in args.sets:
-            key = recipe_key(args.epochs, args.seed, SETS[name], args.lr, trains_in_bf16(args.device, args.float32))
+            key = recipe_key(args.epochs, args.seed, SETS[name], args.lr, trains_in_bf16(args.device, args.float32), args.augment)
             reports.append(report(results, name, picks[name], key))
             print(json.dumps(reports[-1], indent=1), flush=True)
     if args.report:
