@@ -11,7 +11,7 @@ and schedule (a test holds them equal), so on a GPU the cells of a set train tog
     python benchmarks/gpu_heldout.py pack                 # here: subsamples, split as fit splits
     python benchmarks/gpu_heldout.py run --out $OUT       # on the device (device_heldout.sh)
     python benchmarks/gpu_heldout.py report FILES_AT --report docs/heldout_gpu.json
-    python benchmarks/gpu_heldout.py run --out $OUT --epochs 30 --rates 0.1   # fit's default budget
+    python benchmarks/gpu_heldout.py run --out $OUT --epochs 30 --rates 0.1 --augment none   # fit's defaults
 
 `pack` writes into `.gpu-heldout/` each set's subsample for each seed
 (heldout_fit's subsample for that seed, split by fit's rule with that seed, decoded at 32
@@ -84,7 +84,8 @@ def run(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     done = set()
     if path.is_file():
-        done = {(r["set"], r["seed"], r["lr"], r["epochs"], r["cell"]) for r in map(json.loads, path.read_text().splitlines())}
+        done = {(r["set"], r["seed"], r["lr"], r["epochs"], r.get("augment", AUGMENT), r["cell"])
+                for r in map(json.loads, path.read_text().splitlines())}
     slowest = 0.0
     epochs = 1 if args.smoke else args.epochs
     for seed, lr in [(s, lr) for s, lr in RUNS if lr in args.rates]:
@@ -95,11 +96,11 @@ def run(args) -> None:
             arrays = np.load(data)
             train = LabeledImages(arrays["train_x"], arrays["train_y"])
             val = LabeledImages(arrays["val_x"], arrays["val_y"])
-            todo = [c for c in cells[set_name] if (set_name, seed, lr, epochs, c) not in done]
+            todo = [c for c in cells[set_name] if (set_name, seed, lr, epochs, args.augment, c) not in done]
             if args.smoke:
                 train = LabeledImages(train.images[:80], train.labels[:80])
                 todo = todo[:2]
-            schedule = LabelSchedule(epochs=epochs, augment=AUGMENT, lr=lr)
+            schedule = LabelSchedule(epochs=epochs, augment=args.augment, lr=lr)
             for i in range(0, len(todo), args.chunk):
                 if time.perf_counter() - t_start + slowest > args.deadline:
                     print(f"out of time at seed {seed}, lr {lr:g}, {set_name}", flush=True)
@@ -111,7 +112,8 @@ def run(args) -> None:
                 slowest = max(slowest, seconds)
                 with open(path, "a") as fh:
                     for c, lab in zip(group, labels):
-                        fh.write(json.dumps({"set": set_name, "seed": seed, "lr": lr, "epochs": schedule.epochs, "cell": c,
+                        fh.write(json.dumps({"set": set_name, "seed": seed, "lr": lr, "epochs": schedule.epochs,
+                                             "augment": schedule.augment, "cell": c,
                                              "accuracy": round(lab.accuracy, 4), "curve": [round(a, 4) for a in lab.curve],
                                              "seconds": round(seconds / len(group), 3), "device": name}) + "\n")
                 print(f"{set_name} seed {seed} lr {lr:g}: {len(group)} cells in {seconds:.1f} s "
@@ -139,11 +141,12 @@ def report(args) -> dict:
     picks = {s["set"]: [p["cell"] for p in s["picks"]] for s in json.loads(EVAL.read_text())["sets"]}
     runs: dict = {}
     for r in records:
-        if r["epochs"] != args.epochs:  # another budget's, or a smoke run's
+        if r["epochs"] != args.epochs or r.get("augment", AUGMENT) != args.augment:  # another recipe's, or a smoke run's
             continue
         runs.setdefault((r["set"], r["seed"], r["lr"], r["device"]), {})[r["cell"]] = r["accuracy"]
     # The CPU fits of the runs' own recipes, found by their keys.
-    keyed = {(s, recipe_key(args.epochs, seed, SETS[s], lr)): (s, seed, lr, "cpu") for s in SETS for seed, lr in RUNS}
+    keyed = {(s, recipe_key(args.epochs, seed, SETS[s], lr, bf16, args.augment)): (s, seed, lr, "cpu bfloat16" if bf16 else "cpu")
+             for s in SETS for seed, lr in RUNS for bf16 in (False, True)}
     cpu: dict = {}
     for r in json.loads(FITS.read_text()):
         if (r["set"], r["recipe"]) in keyed:
@@ -153,7 +156,8 @@ def report(args) -> dict:
         row = {"set": set_name, "seed": seed, "lr": lr, "device": device, "cells": len(acc),
                "mean": round(statistics.mean(acc.values()), 2), "criterion": criterion(acc, picks[set_name])}
         other = runs.get((set_name, seed, 0.1, device)) if lr != 0.1 else None
-        same_cpu = cpu.get((set_name, seed, lr, "cpu"), {})
+        # bfloat16 CPU fits where there are some (a GPU fits in bfloat16 too), else float32 ones
+        same_cpu = cpu.get((set_name, seed, lr, "cpu bfloat16")) or cpu.get((set_name, seed, lr, "cpu"), {})
         common = [c for c in acc if c in same_cpu]
         if len(common) >= 5:
             row["vs_cpu_same_recipe"] = {"cells": len(common), "spearman": round(spearman(
@@ -166,7 +170,7 @@ def report(args) -> dict:
                     acc[c] - other[c] for c in both), 2), "higher": sum(acc[c] > other[c] for c in both),
                     "spearman": round(spearman([acc[c] for c in both], [other[c] for c in both]), 3)}
         rows.append(row)
-    out = {"epochs": args.epochs, "augment": AUGMENT, "sets": {k: f"{v} images a class" for k, v in SETS.items()},
+    out = {"epochs": args.epochs, "augment": args.augment, "sets": {k: f"{v} images a class" for k, v in SETS.items()},
            "picks": "docs/heldout_eval.json (packaged weights, search seed 0)", "runs": rows}
     if args.report:
         args.report.write_text(json.dumps(out, indent=1) + "\n")
@@ -188,10 +192,12 @@ def main() -> int:
     r.add_argument("--smoke", action="store_true", help="2 cells, 80 images, 1 epoch per set and run: checks the script")
     r.add_argument("--epochs", type=int, default=EPOCHS, help="fit's budget; 30 is fit's default (3x the time a fit)")
     r.add_argument("--rates", type=float, nargs="+", default=sorted({lr for _, lr in RUNS}), help="peak rates to fit at")
+    r.add_argument("--augment", default=AUGMENT, help="augmentation of every fit (fit's own default is none)")
     q = sub.add_parser("report")
     q.add_argument("runs", type=Path, nargs="+", help="folders holding a run's heldout.jsonl")
     q.add_argument("--report", type=Path)
     q.add_argument("--epochs", type=int, default=EPOCHS, help="report the runs at this budget")
+    q.add_argument("--augment", default=AUGMENT, help="report the runs with this augmentation")
     args = ap.parse_args()
     if args.what == "pack":
         pack(args.out, args.seeds)
