@@ -29,6 +29,7 @@ from paired import sign_flip_p, sign_test
 
 from metad2a_cli.meta.db import BuildSettings, Database, WorkUnit, label_unit
 from metad2a_cli.nb201.cells import Cell
+from metad2a_cli.errors import UserError
 from metad2a_cli.training.policies import check_policy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,11 +55,13 @@ def report(labels: list[dict], base: list[dict], base_augment: str, tasks: dict)
                         "wins": sum(v > 0 for v in d), "losses": sum(v < 0 for v in d),
                         "sign_test_p": sign_test(sum(v > 0 for v in d), sum(v < 0 for v in d)),
                         "sign_flip_p": sign_flip_p(d), "tasks_detail": rows}
-    everything = [r["difference"] for rows in pairs.values() for r in rows]
-    if everything:
-        summary["all cells"] = {"pairs": len(everything), "mean_points": round(statistics.mean(everything), 2),
-                                "wins": sum(v > 0 for v in everything), "losses": sum(v < 0 for v in everything),
-                                "sign_flip_p": sign_flip_p(everything)}
+    for augment in sorted({x["augment"] for x in labels}):
+        pooled = [r["difference"] for key, rows in pairs.items() if key.startswith(f"{augment} - ") for r in rows]
+        if pooled:
+            summary[f"{augment} - {base_augment}, all cells"] = {
+                "pairs": len(pooled), "mean_points": round(statistics.mean(pooled), 2),
+                "wins": sum(v > 0 for v in pooled), "losses": sum(v < 0 for v in pooled),
+                "sign_flip_p": sign_flip_p(pooled)}
     return {"base_augment": base_augment, "comparisons": summary, "labels": labels}
 
 
@@ -77,7 +80,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "docs/augment_budget.json")
     ap.add_argument("--report-only", action="store_true", help="summarise what --out holds, label nothing")
     args = ap.parse_args()
-    check_policy(args.augment)
+    try:
+        check_policy(args.augment)
+    except UserError as e:
+        raise SystemExit(str(e)) from None
 
     db = Database(args.db.resolve())
     settings = BuildSettings.from_dict(db.manifest["settings"])
@@ -85,7 +91,9 @@ def main() -> None:
         raise SystemExit(f"{args.db} labels with {args.augment} already; name another policy")
     other = replace(settings, schedule=replace(settings.schedule, epochs=args.epochs, augment=args.augment))
     tasks = {t.id: t for t in db.tasks()}
-    base = [x for x in read_labels(args.base) if x.get("epochs") == args.epochs]
+    # a label without an epoch count is at the database's budget, as anchor_labels.py reads it
+    base = [{**x, "epochs": x.get("epochs", settings.schedule.epochs)} for x in read_labels(args.base)]
+    base = [x for x in base if x["epochs"] == args.epochs]
     labelled = {x["task"] for x in base}
     order, taken = [], {}
     for tid in spread_by_source([tasks[t] for t in labelled]):

@@ -8,8 +8,9 @@
 #   python benchmarks/gpu_heldout.py run --device cpu --smoke --out /tmp/smoke
 # On the device machine (device tool, carry [".gpu-heldout"], timeout_s 600):
 #   bash benchmarks/device_heldout.sh
-# or, for the panel at fit's default 30 epochs (docs/generalization.md, "At fit's default budget"):
-#   HELDOUT_ARGS="--epochs 30 --rates 0.1" bash benchmarks/device_heldout.sh
+# or, for the panel at fit's defaults, 30 epochs and no augmentation (docs/generalization.md,
+# "With fit's default augmentation: none"; add --augment crop-flip for "At fit's default budget"):
+#   HELDOUT_ARGS="--epochs 30 --rates 0.1 --augment none" bash benchmarks/device_heldout.sh
 # (the tracked tree, about 43 MB, and .gpu-heldout, about 20 MB, fit the 64 MiB it carries)
 # Back here, with the run's files:
 #   python benchmarks/gpu_heldout.py report FILES_AT --report docs/heldout_gpu.json

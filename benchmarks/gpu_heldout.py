@@ -156,11 +156,14 @@ def report(args) -> dict:
         row = {"set": set_name, "seed": seed, "lr": lr, "device": device, "cells": len(acc),
                "mean": round(statistics.mean(acc.values()), 2), "criterion": criterion(acc, picks[set_name])}
         other = runs.get((set_name, seed, 0.1, device)) if lr != 0.1 else None
-        # bfloat16 CPU fits where there are some (a GPU fits in bfloat16 too), else float32 ones
-        same_cpu = cpu.get((set_name, seed, lr, "cpu bfloat16")) or cpu.get((set_name, seed, lr, "cpu"), {})
-        common = [c for c in acc if c in same_cpu]
+        # bfloat16 CPU fits first (a GPU fits in bfloat16 too), then float32 ones
+        for precision in ("cpu bfloat16", "cpu"):
+            same_cpu = cpu.get((set_name, seed, lr, precision), {})
+            common = [c for c in acc if c in same_cpu]
+            if len(common) >= 5:
+                break
         if len(common) >= 5:
-            row["vs_cpu_same_recipe"] = {"cells": len(common), "spearman": round(spearman(
+            row["vs_cpu_same_recipe"] = {"cpu": precision, "cells": len(common), "spearman": round(spearman(
                 [acc[c] for c in common], [same_cpu[c] for c in common]), 3),
                 "mean_diff": round(statistics.mean(acc[c] - same_cpu[c] for c in common), 2)}
         if other:
@@ -199,6 +202,14 @@ def main() -> int:
     q.add_argument("--epochs", type=int, default=EPOCHS, help="report the runs at this budget")
     q.add_argument("--augment", default=AUGMENT, help="report the runs with this augmentation")
     args = ap.parse_args()
+    if args.what != "pack":
+        from metad2a_cli.errors import UserError
+        from metad2a_cli.training.policies import check_policy
+
+        try:
+            check_policy(args.augment)
+        except UserError as e:
+            raise SystemExit(str(e)) from None
     if args.what == "pack":
         pack(args.out, args.seeds)
     elif args.what == "run":

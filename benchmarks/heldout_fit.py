@@ -193,6 +193,13 @@ def main() -> None:
     ap.add_argument("--report", type=Path, default=None)
     ap.add_argument("--card", type=Path, default=None, help="a checkpoint folder whose model card gets the results")
     args = ap.parse_args()
+    from metad2a_cli.errors import UserError
+    from metad2a_cli.training.policies import check_policy
+
+    try:
+        check_policy(args.augment)
+    except UserError as e:
+        raise SystemExit(str(e)) from None
     results = load_results(args.results)
     reports = []
     with tempfile.TemporaryDirectory() as tmp:
