@@ -29,8 +29,7 @@ from paired import sign_flip_p, sign_test
 
 from metad2a_cli.meta.db import BuildSettings, Database, WorkUnit, label_unit
 from metad2a_cli.nb201.cells import Cell
-from metad2a_cli.errors import UserError
-from metad2a_cli.training.policies import check_policy
+from metad2a_cli.training.policies import AUGMENT_POLICIES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,7 +71,7 @@ def main() -> None:
                     help="folder holding the database's sources by name")
     ap.add_argument("--base", type=Path, default=REPO / "docs/anchor_labels.json",
                     help="labels of the database's policy to pair with (anchor_labels.py's)")
-    ap.add_argument("--augment", default="none", help="the policy to compare with the database's")
+    ap.add_argument("--augment", default="none", choices=AUGMENT_POLICIES, help="the policy to compare with the database's")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--per-source", type=int, default=1, help="tasks a source, from those --base labelled")
     ap.add_argument("--share", default="0/1", help="i/n: label every n-th of the tasks from the i-th")
@@ -80,10 +79,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "docs/augment_budget.json")
     ap.add_argument("--report-only", action="store_true", help="summarise what --out holds, label nothing")
     args = ap.parse_args()
-    try:
-        check_policy(args.augment)
-    except UserError as e:
-        raise SystemExit(str(e)) from None
 
     db = Database(args.db.resolve())
     settings = BuildSettings.from_dict(db.manifest["settings"])
