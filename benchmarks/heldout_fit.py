@@ -125,7 +125,9 @@ def fit_cell(results: list[dict], results_path: Path, name: str, cell: str, args
 
     bf16 = trains_in_bf16(args.device, args.float32)
     key = recipe_key(args.epochs, args.seed, SETS[name], args.lr, bf16, args.augment)
-    for r in results:
+    # What is on disk too: another run (another set, or the panel from its other end) may have
+    # fitted this cell since this one started.
+    for r in results + load_results(results_path):
         if r["set"] == name and r["cell"] == cell and r["recipe"] == key:
             return r
     t0 = time.perf_counter()
