@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -120,6 +121,17 @@ def load_results(path: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
+def save_results(path: Path, results: list[dict]) -> None:
+    """Merge into what is on disk (other runs write the same file), one entry a (set, cell,
+    recipe), and replace the file whole, so that a run reading it never sees half of it."""
+    merged = {(r["set"], r["cell"], r["recipe"]): r for r in load_results(path)}
+    for r in results:
+        merged.setdefault((r["set"], r["cell"], r["recipe"]), r)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(list(merged.values()), indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def fit_cell(results: list[dict], results_path: Path, name: str, cell: str, args, listing: Path, tmp: str) -> dict:
     from metad2a_cli.meta.db import device_name
 
@@ -129,6 +141,8 @@ def fit_cell(results: list[dict], results_path: Path, name: str, cell: str, args
     # fitted this cell since this one started.
     for r in results + load_results(results_path):
         if r["set"] == name and r["cell"] == cell and r["recipe"] == key:
+            if r not in results:  # the report at the end counts it too
+                results.append(r)
             return r
     t0 = time.perf_counter()
     summary = metad2a(
@@ -142,10 +156,7 @@ def fit_cell(results: list[dict], results_path: Path, name: str, cell: str, args
         "device": device_name(args.device) if bf16 else args.device,  # and its precision
     }
     results.append(entry)
-    # Re-read before writing: fits of other sets may run at the same time into the same file.
-    on_disk = load_results(results_path)
-    merged = on_disk + [r for r in results if r not in on_disk]
-    results_path.write_text(json.dumps(merged, indent=1) + "\n")
+    save_results(results_path, results)
     print(json.dumps(entry), flush=True)
     return entry
 
@@ -164,7 +175,7 @@ def report(results: list[dict], name: str, picks: list[str], key: str) -> dict:
         "set": name, "recipe": key, "cells_trained": len(trained), "best_trained": best,
         "resnet": trained.get(RESNET), "largest": trained.get(LARGEST),
         "random_panel": {"n": len(random_accs), "best": max(random_accs, default=None),
-                         "median": sorted(random_accs)[len(random_accs) // 2] if random_accs else None},
+                         "median": statistics.median(random_accs) if random_accs else None},
         "picks": [{"rank_in_search": i + 1, "cell": c, "best_val_acc": trained.get(c),
                    "rank_among_trained": rank(trained[c]) if c in trained else None,
                    "regret": round(best - trained[c], 2) if c in trained else None} for i, c in enumerate(picks)],

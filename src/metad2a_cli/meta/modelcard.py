@@ -76,7 +76,7 @@ def render(config: dict[str, Any], heldout: list[dict[str, Any]] | None = None) 
             panel = r["random_panel"]
 
             def f(v):
-                return "-" if v is None else f"{v:.1f}"
+                return "-" if v is None else f"{v:.2f}"  # 400 validation images: a quarter point is one
 
             lines.append(
                 f"| {r['set']} | {r['recipe']} | {f(picks[0] if picks else None)} | {f(max(picks) if picks else None)} | "
