@@ -27,6 +27,7 @@ figures of a panel and of later picks come from the same kind of machine.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import random
@@ -123,13 +124,20 @@ def load_results(path: Path) -> list[dict]:
 
 def save_results(path: Path, results: list[dict]) -> None:
     """Merge into what is on disk (other runs write the same file), one entry a (set, cell,
-    recipe), and replace the file whole, so that a run reading it never sees half of it."""
-    merged = {(r["set"], r["cell"], r["recipe"]): r for r in load_results(path)}
-    for r in results:
-        merged.setdefault((r["set"], r["cell"], r["recipe"]), r)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(list(merged.values()), indent=1) + "\n")
-    os.replace(tmp, path)
+    recipe). The read and the write happen under a lock on the file's folder, as
+    label_budget.locked_update does, and the file is replaced whole (a reader never sees half)."""
+    from metad2a_cli.atomic import atomic_paths
+
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        merged = {(r["set"], r["cell"], r["recipe"]): r for r in load_results(path)}
+        for r in results:
+            merged.setdefault((r["set"], r["cell"], r["recipe"]), r)
+        with atomic_paths(path) as [tmp]:
+            tmp.write_text(json.dumps(list(merged.values()), indent=1) + "\n")
+    finally:
+        os.close(folder)
 
 
 def fit_cell(results: list[dict], results_path: Path, name: str, cell: str, args, listing: Path, tmp: str) -> dict:
