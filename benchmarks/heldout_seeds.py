@@ -1,0 +1,98 @@
+"""The held-out evaluation over several seeds: does what one seed says hold at another?
+
+Reads the fits `heldout_fit.py` keeps (docs/heldout_fits.json) for one recipe at each given
+seed (a seed draws its own subsample of the set and its own initialisation and batches) and
+the search's picks from a report of that script. For each set and seed it gives the issue's
+two checks (top-1 >= the better of the ResNet and the largest cell minus 1 point; best of the
+top 5 >= best of the random panel), then the same checks on each cell's mean over the seeds
+(cells fitted at every seed), how well one seed's fits rank the cells of another (Spearman
+over the cells both have), and how the table (published ImageNet16-120 accuracy) ranks the
+mean. Nothing is trained.
+
+    python benchmarks/heldout_seeds.py --seeds 0 1 --report docs/heldout_eval_default_recipe.json \\
+        --out docs/heldout_seeds_default_recipe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from heldout_fit import LARGEST, REPO, RESNET, SETS, load_results, panel_cells, recipe_key
+from label_reliability import published_accuracy
+
+from metad2a_cli.meta.table import TABLE_FILE, load_table
+from metad2a_cli.meta.train import spearman
+from metad2a_cli.nb201.cells import Cell
+
+
+def checks(acc: dict[str, float], picks: list[str], randoms: list[str]) -> dict:
+    top1 = acc[picks[0]]
+    guess = max(acc[RESNET], acc[LARGEST])
+    top5 = max(acc[c] for c in picks)
+    random_best = max(acc[c] for c in randoms)
+    ordered = sorted(acc.values(), reverse=True)
+    return {
+        "cells": len(acc),
+        "top1": round(top1, 2), "resnet": round(acc[RESNET], 2), "largest": round(acc[LARGEST], 2),
+        "top1_ok": top1 >= guess - 1.0,
+        "top5_best": round(top5, 2), "random_best": round(random_best, 2), "top5_ok": top5 >= random_best,
+        "random_median": round(statistics.median(acc[c] for c in randoms), 2),
+        "pick_ranks": [1 + sum(a > acc[c] for a in ordered) for c in picks],
+        "top5_mean": round(statistics.mean(acc[c] for c in picks), 2),
+    }
+
+
+def summarise(fits: list[dict], name: str, seeds: list[int], recipe: dict, picks: list[str], table) -> dict:
+    randoms = [c for label, c in panel_cells() if label.startswith("random")]
+    wanted = set(picks) | {RESNET, LARGEST} | set(randoms)
+    by_seed = {}
+    for seed in seeds:
+        key = recipe_key(seed=seed, per_class=SETS[name], **recipe)
+        by_seed[seed] = {f["cell"]: f["best_val_acc"] for f in fits if f["set"] == name and f["recipe"] == key and f["cell"] in wanted}
+    out = {"set": name, "per_seed": {}}
+    for seed, acc in by_seed.items():
+        missing = wanted - acc.keys()
+        out["per_seed"][seed] = checks(acc, picks, randoms) if not missing else {"cells": len(acc), "missing": len(missing)}
+    common = set.intersection(*(set(a) for a in by_seed.values())) if by_seed else set()
+    if wanted <= common and len(seeds) > 1:
+        mean = {c: statistics.mean(by_seed[s][c] for s in seeds) for c in common}
+        out["mean_over_seeds"] = checks(mean, picks, randoms)
+        cells = sorted(common)
+        out["seed_to_seed_spearman"] = {
+            f"{a}-{b}": round(spearman([by_seed[a][c] for c in cells], [by_seed[b][c] for c in cells]), 3)
+            for i, a in enumerate(seeds) for b in seeds[i + 1:]
+        }
+        out["table_spearman_of_mean"] = round(spearman([table[Cell.parse(c).code] for c in cells], [mean[c] for c in cells]), 3)
+        out["top1_minus_resnet"] = {s: round(by_seed[s][picks[0]] - by_seed[s][RESNET], 2) for s in seeds}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", required=True)
+    ap.add_argument("--report", type=Path, required=True, help="a heldout_fit.py report: the search's picks per set")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--augment", default="none")
+    ap.add_argument("--float32", action="store_true", help="the fits in float32 (default: the bfloat16 ones)")
+    ap.add_argument("--results", type=Path, default=REPO / "docs" / "heldout_fits.json")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    recipe = {"epochs": args.epochs, "augment": args.augment, "bf16": not args.float32}
+    fits = load_results(args.results)
+    table = published_accuracy(load_table(REPO / "databases" / "nb201" / TABLE_FILE))
+    sets = []
+    for entry in json.loads(args.report.read_text())["sets"]:
+        picks = [p["cell"] for p in entry["picks"]]
+        sets.append(summarise(fits, entry["set"], args.seeds, recipe, picks, table))
+    doc = {"recipe": recipe_key(seed=-1, per_class=0, **recipe).replace("seed-1", "seed*").replace("/0-per-class", ""),
+           "seeds": args.seeds, "picks_from": str(args.report), "sets": sets}
+    print(json.dumps(doc, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
