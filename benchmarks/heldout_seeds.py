@@ -7,7 +7,9 @@ two checks (top-1 >= the better of the ResNet and the largest cell minus 1 point
 top 5 >= best of the random panel), then the same checks on each cell's mean over the seeds
 (cells fitted at every seed), how well one seed's fits rank the cells of another (Spearman
 over the cells both have), and how the table (published ImageNet16-120 accuracy) ranks the
-mean. Nothing is trained.
+mean. The picks are read from one report and judged at every seed: the search's picks can
+depend on its `--seed`, so check that the report of each seed lists the same cells. Nothing
+is trained.
 
     python benchmarks/heldout_seeds.py --seeds 0 1 --report docs/heldout_eval_default_recipe.json \\
         --out docs/heldout_seeds_default_recipe.json
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -26,6 +29,10 @@ from label_reliability import published_accuracy
 from metad2a_cli.meta.table import TABLE_FILE, load_table
 from metad2a_cli.meta.train import spearman
 from metad2a_cli.nb201.cells import Cell
+
+
+def rounded(x: float) -> float | None:
+    return None if math.isnan(x) else round(x, 3)
 
 
 def checks(acc: dict[str, float], picks: list[str], randoms: list[str]) -> dict:
@@ -40,7 +47,7 @@ def checks(acc: dict[str, float], picks: list[str], randoms: list[str]) -> dict:
         "top1_ok": top1 >= guess - 1.0,
         "top5_best": round(top5, 2), "random_best": round(random_best, 2), "top5_ok": top5 >= random_best,
         "random_median": round(statistics.median(acc[c] for c in randoms), 2),
-        "pick_ranks": [1 + sum(a > acc[c] for a in ordered) for c in picks],
+        "pick_ranks_among_these_cells": [1 + sum(a > acc[c] for a in ordered) for c in picks],
         "top5_mean": round(statistics.mean(acc[c] for c in picks), 2),
     }
 
@@ -55,18 +62,20 @@ def summarise(fits: list[dict], name: str, seeds: list[int], recipe: dict, picks
     out = {"set": name, "per_seed": {}}
     for seed, acc in by_seed.items():
         missing = wanted - acc.keys()
-        out["per_seed"][seed] = checks(acc, picks, randoms) if not missing else {"cells": len(acc), "missing": len(missing)}
-    common = set.intersection(*(set(a) for a in by_seed.values())) if by_seed else set()
-    if wanted <= common and len(seeds) > 1:
-        mean = {c: statistics.mean(by_seed[s][c] for s in seeds) for c in common}
-        out["mean_over_seeds"] = checks(mean, picks, randoms)
-        cells = sorted(common)
+        out["per_seed"][seed] = checks(acc, picks, randoms) if picks and not missing else {"cells": len(acc), "missing": len(missing)}
+    common = sorted(set.intersection(*(set(a) for a in by_seed.values()))) if by_seed else []
+    if len(seeds) > 1 and len(common) >= 3:
         out["seed_to_seed_spearman"] = {
-            f"{a}-{b}": round(spearman([by_seed[a][c] for c in cells], [by_seed[b][c] for c in cells]), 3)
+            f"{a}-{b}": rounded(spearman([by_seed[a][c] for c in common], [by_seed[b][c] for c in common]))
             for i, a in enumerate(seeds) for b in seeds[i + 1:]
         }
-        out["table_spearman_of_mean"] = round(spearman([table[Cell.parse(c).code] for c in cells], [mean[c] for c in cells]), 3)
-        out["top1_minus_resnet"] = {s: round(by_seed[s][picks[0]] - by_seed[s][RESNET], 2) for s in seeds}
+        out["cells_at_every_seed"] = len(common)
+        mean = {c: statistics.mean(by_seed[s][c] for s in seeds) for c in common}
+        out["table_spearman_of_mean"] = rounded(spearman([table[Cell.parse(c).code] for c in common], [mean[c] for c in common]))
+        if picks and wanted <= set(common):
+            out["mean_over_seeds"] = checks(mean, picks, randoms)
+    if picks:
+        out["top1_minus_resnet"] = {s: round(a[picks[0]] - a[RESNET], 2) for s, a in by_seed.items() if picks[0] in a and RESNET in a}
     return out
 
 
