@@ -23,7 +23,7 @@ import math
 import statistics
 from pathlib import Path
 
-from heldout_fit import LARGEST, REPO, RESNET, SETS, load_results, panel_cells, recipe_key
+from heldout_fit import LARGEST, REPO, RESNET, SETS, criterion, load_results, panel_cells, recipe_key
 from label_reliability import published_accuracy
 
 from metad2a_cli.meta.table import TABLE_FILE, load_table
@@ -36,16 +36,14 @@ def rounded(x: float) -> float | None:
 
 
 def checks(acc: dict[str, float], picks: list[str], randoms: list[str]) -> dict:
-    top1 = acc[picks[0]]
-    guess = max(acc[RESNET], acc[LARGEST])
-    top5 = max(acc[c] for c in picks)
     random_best = max(acc[c] for c in randoms)
+    judged = criterion(acc, picks, random_best)
     ordered = sorted(acc.values(), reverse=True)
     return {
         "cells": len(acc),
-        "top1": round(top1, 2), "resnet": round(acc[RESNET], 2), "largest": round(acc[LARGEST], 2),
-        "top1_ok": top1 >= guess - 1.0,
-        "top5_best": round(top5, 2), "random_best": round(random_best, 2), "top5_ok": top5 >= random_best,
+        "top1": round(judged["top1"], 2), "resnet": round(acc[RESNET], 2), "largest": round(acc[LARGEST], 2),
+        "top1_ok": judged["top1_ok"],
+        "top5_best": round(judged["top5_best"], 2), "random_best": round(random_best, 2), "top5_ok": judged["top5_ok"],
         "random_median": round(statistics.median(acc[c] for c in randoms), 2),
         "pick_ranks_among_these_cells": [1 + sum(a > acc[c] for a in ordered) for c in picks],
         "top5_mean": round(statistics.mean(acc[c] for c in picks), 2),

@@ -55,13 +55,10 @@ def seconds(fits) -> dict:
     return {kind: round(sum(f.get("train_seconds", f.get("wall_seconds", 0.0)) for f in fits), 1)}
 
 
-def heldout_fit(name: str, cell: str, key: str) -> dict | None:
-    return next((r for r in load_results(HELDOUT_FITS) if (r["set"], r["cell"], r["recipe"]) == (name, cell, key)), None)
-
-
 def measure(name: str, args, tmp: str) -> dict:
     listing = subsample_list(name, SETS[name], args.seed, Path(tmp))
     key = recipe_key(args.epochs, args.seed, SETS[name], bf16=trains_in_bf16("cpu"), augment="none")
+    stored = {r["cell"]: r for r in load_results(HELDOUT_FITS) if (r["set"], r["recipe"]) == (name, key)}
     search = metad2a("search", str((IMAGES / name).resolve()), "--top-k", str(args.k), "--seed", str(args.seed))
     run_dir = Path(tmp) / f"{name}-top{args.k}"
     t0 = time.perf_counter()
@@ -70,7 +67,7 @@ def measure(name: str, args, tmp: str) -> dict:
     wall = time.perf_counter() - t0
     full = {}
     for cell in halving["cells"]:
-        known = None if cell["completed"] else heldout_fit(name, cell["cell"], key)
+        known = None if cell["completed"] else stored.get(cell["cell"])
         if known:
             # its wall time (decoding and start-up included), not the sum of its epochs
             full[cell["rank"]] = {"cell": cell["cell"], "epochs": args.epochs, "best_val_acc": known["best_val_acc"],
@@ -81,7 +78,7 @@ def measure(name: str, args, tmp: str) -> dict:
         full[cell["rank"]] = {"cell": cell["cell"], **fitted(Path(cell["run_dir"])), "from": "this run"}
     winner = halving["winner"]
     best_of_k = max(full.values(), key=lambda f: f["best_val_acc"])
-    same_fit = heldout_fit(name, winner["cell"], key)
+    same_fit = stored.get(winner["cell"])
     return {
         "set": name, "images_per_class": SETS[name], "k": args.k, "epochs": args.epochs, "seed": args.seed,
         "weights": "packaged", "recipe": key,
