@@ -26,11 +26,13 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from heldout_fit import IMAGES, REPO, SETS, load_results, metad2a, recipe_key, subsample_list, trains_in_bf16
 
 from metad2a_cli.meta.db import device_name
+from metad2a_cli.training.halving import plan_rungs
 
 K = 5
 EPOCHS = 30  # fit's default
@@ -132,8 +134,10 @@ def main() -> None:
     results = json.loads(args.results.read_text()) if args.results.is_file() else []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.sets:
-            done = (name, SETS[name], args.k, args.epochs, args.seed, "packaged")
-            if any((r["set"], r["images_per_class"], r["k"], r["epochs"], r["seed"], r.get("weights")) == done for r in results):
+            rungs = [asdict(r) for r in plan_rungs(args.epochs, args.k)]  # a new plan is a new measurement
+            done = (name, SETS[name], args.k, args.epochs, args.seed, "packaged", rungs)
+            if any((r["set"], r["images_per_class"], r["k"], r["epochs"], r["seed"], r.get("weights"), r["rungs"]) == done
+                   for r in results):
                 continue
             results.append(measure(name, args, tmp))
             args.results.write_text(json.dumps(results, indent=1) + "\n")

@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from metad2a_cli.training.halving import (
     Candidate,
     Rung,
     budget_epochs,
+    distinct_epochs,
     fitted_run_dir,
     plan_rungs,
     resume_halving,
@@ -29,11 +31,17 @@ SETTINGS = FitSettings(cell="", channels=8, cells_per_stage=1, input_size=16, ep
 CANDIDATES = [Candidate(1, NOTHING, {"arch": NOTHING}), Candidate(2, CONV, {"arch": CONV})]
 
 
-def test_rungs_halve_the_cells_and_double_the_epochs():
-    assert plan_rungs(30, 4) == [Rung(8, 4), Rung(15, 2), Rung(30, 1)]
-    assert budget_epochs(plan_rungs(30, 4)) == 4 * 8 + 2 * 7 + 15
-    assert [(r.epoch, r.cells) for r in plan_rungs(10, 5)] == [(2, 5), (3, 3), (5, 2), (10, 1)]
-    assert plan_rungs(4, 2) == [Rung(2, 2), Rung(4, 1)]
+def test_rungs_halve_the_cells_from_a_first_cut_a_third_of_the_way():
+    assert [(r.epoch, r.cells) for r in plan_rungs(30, 5)] == [(10, 5), (14, 3), (21, 2), (30, 1)]
+    assert budget_epochs(plan_rungs(30, 5)) == 5 * 10 + 3 * 4 + 2 * 7 + 9
+    assert plan_rungs(30, 4) == [Rung(10, 4), Rung(17, 2), Rung(30, 1)]
+    assert plan_rungs(4, 2) == [Rung(2, 2), Rung(4, 1)]  # one cut: half way
+    assert plan_rungs(30, 2) == [Rung(15, 2), Rung(30, 1)]
+    for k in range(2, 20):
+        rungs = plan_rungs(60, k)
+        assert rungs[0].cells == k and rungs[-1] == Rung(60, 1)
+        assert all(b.cells == math.ceil(a.cells / 2) for a, b in zip(rungs, rungs[1:]))
+        assert rungs[0].epoch == (30 if k == 2 else 20) and distinct_epochs(rungs)
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ def fit(
     rank: int = typer.Option(None, "--rank", help="With --run: which ranked cell (default 1, the best)."),
     top_k: int = typer.Option(
         None, "--top-k",
-        help="Train the search run's K best cells by successive halving and keep the winner: all K for a "
-        "few epochs, then the better half on, until one finishes; each cell's run is kept under --output.",
+        help="Train the search run's K best cells by successive halving and keep the winner: all K for the "
+        "first third of the epochs, then the better half on, until one finishes; each cell's run is kept under --output.",
     ),
     arch: str = typer.Option(None, "--arch", help="Train this cell instead: a cell string or NB201 index."),
     epochs: int = typer.Option(None, "--epochs", help="Epochs of the cosine schedule (default 30)."),
