@@ -36,7 +36,7 @@ from pathlib import Path
 
 from metad2a_cli.meta.table import TABLE_FILE, load_table
 from metad2a_cli.nb201.cells import Cell
-from metad2a_cli.training.halving import Rung, budget_epochs, distinct_epochs, log_rungs, plan_rungs
+from metad2a_cli.training.halving import Rung, budget_epochs, distinct_epochs, log_rungs, plan_rungs, stopped_after
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,22 +45,20 @@ def one_cut(epochs: int, k: int, cut: int) -> list[Rung]:
     return [Rung(cut, k), Rung(epochs, 1)]
 
 
-def replay(plan, curves: list[list[float]]) -> int:
-    """The index (in search order) of the cell the plan keeps."""
-    alive = list(range(len(curves)))
-    for rung, following in zip(plan, plan[1:]):
-        alive = sorted(alive, key=lambda i: (-max(curves[i][: rung.epoch]), i))[: following.cells]
-    return alive[0]
+def replay(plan: list[Rung], curves: list[list[float]]) -> int:
+    """The index (in search order) of the cell the plan keeps, cut as `fit --top-k` cuts."""
+    return stopped_after(plan, [[max(curve[: r.epoch]) for r in plan] for curve in curves]).index(None)
 
 
 def load(db: Path) -> dict[str, list[dict]]:
+    """Each task's records in the search's order (by published accuracy)."""
     published = load_table(db / TABLE_FILE)
     table = dict(zip(published.codes.tolist(), published.accuracy.tolist()))
     tasks = defaultdict(list)
     for line in (db / "records.jsonl").read_text().splitlines():
         r = json.loads(line)
         tasks[r["task"]].append({"final": max(r["curve"]), "curve": r["curve"], "table": table[Cell.parse(r["cell"]).code]})
-    return tasks
+    return {t: sorted(records, key=lambda r: -r["table"]) for t, records in tasks.items()}
 
 
 def evaluate(plan, tasks: dict[str, list[dict]], k: int) -> dict:
@@ -69,8 +67,7 @@ def evaluate(plan, tasks: dict[str, list[dict]], k: int) -> dict:
     regret, gain, found, leader_regret = [], [], [], []
     for records in tasks.values():
         r_t, g_t, f_t = [], [], []
-        for group in itertools.combinations(records, k):
-            group = sorted(group, key=lambda r: -r["table"])  # the search's order
+        for group in itertools.combinations(records, k):  # each in the search's order, as records are
             kept = group[replay(plan, [r["curve"] for r in group])]["final"]
             best = max(r["final"] for r in group)
             r_t.append(best - kept)
@@ -79,7 +76,7 @@ def evaluate(plan, tasks: dict[str, list[dict]], k: int) -> dict:
         regret.append(round(statistics.fmean(r_t), 4))
         gain.append(statistics.fmean(g_t))
         found.append(statistics.fmean(f_t))
-        leaders = sorted(records, key=lambda r: -r["table"])[:k]
+        leaders = records[:k]
         kept = leaders[replay(plan, [r["curve"] for r in leaders])]["final"]
         leader_regret.append(max(r["final"] for r in leaders) - kept)
     return {

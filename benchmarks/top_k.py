@@ -132,9 +132,9 @@ def main() -> None:
         print(table(json.loads(args.results.read_text())))
         return
     results = json.loads(args.results.read_text()) if args.results.is_file() else []
+    rungs = [asdict(r) for r in plan_rungs(args.epochs, args.k)]  # a new plan is a new measurement
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.sets:
-            rungs = [asdict(r) for r in plan_rungs(args.epochs, args.k)]  # a new plan is a new measurement
             done = (name, SETS[name], args.k, args.epochs, args.seed, "packaged", rungs)
             if any((r["set"], r["images_per_class"], r["k"], r["epochs"], r["seed"], r.get("weights"), r["rungs"]) == done
                    for r in results):

@@ -21,6 +21,7 @@ from metad2a_cli.training.halving import (
     plan_rungs,
     resume_halving,
     start_halving,
+    stopped_after,
 )
 from metad2a_cli.training.trainer import FitSettings
 
@@ -42,6 +43,16 @@ def test_rungs_halve_the_cells_from_a_first_cut_a_third_of_the_way():
         assert rungs[0].cells == k and rungs[-1] == Rung(60, 1)
         assert all(b.cells == math.ceil(a.cells / 2) for a, b in zip(rungs, rungs[1:]))
         assert rungs[0].epoch == (30 if k == 2 else 20) and distinct_epochs(rungs)
+
+
+def test_each_cut_keeps_the_best_so_far_ties_to_the_better_rank_and_waits_for_a_rung():
+    rungs = [Rung(2, 4), Rung(4, 2), Rung(8, 1)]
+    # ranks 1 and 2 tie at 50 after the first rung: rank 1 goes on, rank 2 stops (its 65 later is never seen)
+    done = [[50.0, 60.0, 70.0], [50.0, 65.0, 71.0], [40.0, None, None], [55.0, 58.0, None]]
+    assert stopped_after(rungs, done) == [None, 0, 0, 1]
+    # rank 4 has not reached the second rung: nothing is cut after it yet
+    training = [[50.0, 60.0, None], [50.0, None, None], [40.0, None, None], [55.0, None, None]]
+    assert stopped_after(rungs, training) == [None, 0, 0, None]
 
 
 @pytest.fixture(scope="module")

@@ -45,20 +45,43 @@ class Rung:
     cells: int  # how many candidates train to it
 
 
-def log_rungs(epochs: int, k: int, first: int) -> list[Rung]:
-    """All k cells to epoch ``first``, then half of them (rounded up) at each rung until
-    one is left, the rungs' epochs evenly spaced on a log scale from ``first`` to ``epochs``."""
+def halving_counts(k: int) -> list[int]:
+    """Cells at each rung: k, then half of them (rounded up) until one is left."""
     counts = [k]
     while counts[-1] > 1:
         counts.append(math.ceil(counts[-1] / 2))
+    return counts
+
+
+def log_rungs(epochs: int, k: int, first: int) -> list[Rung]:
+    """All k cells to epoch ``first``, then ``halving_counts``, the rungs' epochs evenly
+    spaced on a log scale from ``first`` to ``epochs``."""
+    counts = halving_counts(k)
     cuts = len(counts) - 1
     return [Rung(round(first * (epochs / first) ** (i / cuts)), n) for i, n in enumerate(counts)]
 
 
 def plan_rungs(epochs: int, k: int) -> list[Rung]:
     """The first cut a third of the way through (half way when it is the only cut)."""
-    cuts = math.ceil(math.log2(k))
+    cuts = len(halving_counts(k)) - 1
     return log_rungs(epochs, k, math.ceil(epochs / min(2**cuts, 3)))
+
+
+def stopped_after(rungs: list[Rung], rung_acc: list[list[float | None]]) -> list[int | None]:
+    """For candidates in search order, each with its best validation accuracy up to every
+    rung's epoch (None where it has not got there yet): the rung (0-based) after which each
+    stopped, None for those still in. At each cut the best go on, ties to the better rank."""
+    out: list[int | None] = [None] * len(rung_acc)
+    alive = list(range(len(rung_acc)))
+    for i, following in enumerate(rungs[1:]):
+        if any(rung_acc[j][i] is None for j in alive):
+            break  # this rung is still being trained
+        keep = sorted(alive, key=lambda j: (-rung_acc[j][i], j))[: following.cells]
+        for j in alive:
+            if j not in keep:
+                out[j] = i
+        alive = keep
+    return out
 
 
 def distinct_epochs(rungs: list[Rung]) -> bool:
@@ -177,21 +200,11 @@ class Halving:
             history = histories[c.rank]
             return max(e["val_acc"] for e in history[:epoch]) if len(history) >= epoch else None
 
-        rung_acc = {c.rank: [best_until(c, r.epoch) for r in self.rungs] for c in self.candidates}
-        out_after: dict[int, int | None] = {c.rank: None for c in self.candidates}
-        alive = list(self.candidates)
-        for i, rung in enumerate(self.rungs[:-1]):
-            scores = [rung_acc[c.rank][i] for c in alive]
-            if any(s is None for s in scores):
-                break  # this rung is still being trained
-            keep = sorted(alive, key=lambda c: (-rung_acc[c.rank][i], c.rank))[: self.rungs[i + 1].cells]
-            for c in alive:
-                if c not in keep:
-                    out_after[c.rank] = i
-            alive = [c for c in alive if c in keep]
+        rung_acc = [[best_until(c, r.epoch) for r in self.rungs] for c in self.candidates]
+        out_after = stopped_after(self.rungs, rung_acc)
         return [
-            Standing(c, histories[c.rank], completed[c.rank], rung_acc[c.rank], out_after[c.rank])
-            for c in self.candidates
+            Standing(c, histories[c.rank], completed[c.rank], acc, out)
+            for c, acc, out in zip(self.candidates, rung_acc, out_after)
         ]
 
     def winner(self, standings: list[Standing]) -> Standing | None:
