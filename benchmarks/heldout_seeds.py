@@ -13,6 +13,10 @@ is trained.
 
     python benchmarks/heldout_seeds.py --seeds 0 1 --report docs/heldout_eval_default_recipe.json \\
         --out docs/heldout_seeds_default_recipe.json
+
+A seed fitted on a GPU (`gpu_heldout.py`'s records) is read from there instead, whole: with
+`--gpu-seeds 2 --gpu-fits docs/heldout_gpu/heldout.jsonl` every cell of seed 2 comes from
+the GPU run and none from the CPU, so no seed's cells are ranked across devices.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import math
 import statistics
 from pathlib import Path
 
-from heldout_fit import LARGEST, REPO, RESNET, SETS, criterion, load_results, panel_cells, recipe_key
+from heldout_fit import LARGEST, LR, REPO, RESNET, SETS, criterion, load_results, panel_cells, recipe_key
 from label_reliability import published_accuracy
 
 from metad2a_cli.meta.table import TABLE_FILE, load_table
@@ -77,6 +81,17 @@ def summarise(fits: list[dict], name: str, seeds: list[int], recipe: dict, picks
     return out
 
 
+def gpu_fits(path: Path, seeds: list[int], recipe: dict) -> list[dict]:
+    """`gpu_heldout.py` records of ``recipe`` at ``seeds``, as heldout_fits.json entries."""
+    fits = []
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if r["seed"] in seeds and r["epochs"] == recipe["epochs"] and r["augment"] == recipe["augment"] and r["lr"] == LR:
+            key = recipe_key(seed=r["seed"], per_class=SETS[r["set"]], **recipe)
+            fits.append({"set": r["set"], "cell": r["cell"], "recipe": key, "best_val_acc": r["accuracy"], "device": r["device"]})
+    return fits
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", required=True)
@@ -85,17 +100,24 @@ def main() -> None:
     ap.add_argument("--augment", default="none")
     ap.add_argument("--float32", action="store_true", help="the fits in float32 (default: the bfloat16 ones)")
     ap.add_argument("--results", type=Path, default=REPO / "docs" / "heldout_fits.json")
+    ap.add_argument("--gpu-fits", type=Path, default=None, help="gpu_heldout.py records (a heldout.jsonl)")
+    ap.add_argument("--gpu-seeds", type=int, nargs="*", default=[], help="seeds whose fits all come from --gpu-fits")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.gpu_seeds and args.gpu_fits is None:
+        ap.error("--gpu-seeds needs --gpu-fits")
     recipe = {"epochs": args.epochs, "augment": args.augment, "bf16": not args.float32}
     fits = load_results(args.results)
+    if args.gpu_seeds:
+        gpu_keys = {recipe_key(seed=s, per_class=n, **recipe) for s in args.gpu_seeds for n in SETS.values()}
+        fits = [f for f in fits if f["recipe"] not in gpu_keys] + gpu_fits(args.gpu_fits, args.gpu_seeds, recipe)
     table = published_accuracy(load_table(REPO / "databases" / "nb201" / TABLE_FILE))
     sets = []
     for entry in json.loads(args.report.read_text())["sets"]:
         picks = [p["cell"] for p in entry["picks"]]
         sets.append(summarise(fits, entry["set"], args.seeds, recipe, picks, table))
     doc = {"recipe": recipe_key(seed=-1, per_class=0, **recipe).replace("seed-1", "seed*").replace("/0-per-class", ""),
-           "seeds": args.seeds, "picks_from": str(args.report), "sets": sets}
+           "seeds": args.seeds, "gpu_seeds": {s: str(args.gpu_fits) for s in args.gpu_seeds}, "picks_from": str(args.report), "sets": sets}
     print(json.dumps(doc, indent=1))
     if args.out:
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
