@@ -106,6 +106,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.gpu_seeds and args.gpu_fits is None:
         ap.error("--gpu-seeds needs --gpu-fits")
+    if args.gpu_seeds and args.float32:
+        ap.error("a GPU fits in bfloat16: its seeds cannot stand among float32 fits")
     recipe = {"epochs": args.epochs, "augment": args.augment, "bf16": not args.float32}
     fits = load_results(args.results)
     if args.gpu_seeds:
