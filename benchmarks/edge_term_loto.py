@@ -80,6 +80,8 @@ def main() -> None:
     ap.add_argument("--db", type=Path, default=REPO / "databases/nb201")
     ap.add_argument("--fits", type=Path, default=REPO / "docs/heldout_fits.json")
     ap.add_argument("--recipe", default="fit/epochs10/seed0/crop-flip")
+    ap.add_argument("--seed-means", type=Path, default=None,
+                    help="a heldout_seeds.py report: also rank each held-out cell's mean over its seeds")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -133,6 +135,12 @@ def main() -> None:
                for s in sorted({f["set"] for f in fits})}
         for name, sc in scores.items()
     }
+    if args.seed_means:
+        means = {s["set"]: s["cell_means"] for s in json.loads(args.seed_means.read_text())["sets"]}
+        report["heldout_seed_means_spearman"] = {
+            name: {s: round(spearman(sc[[Cell.parse(c).code for c in m]], list(m.values())), 3) for s, m in sorted(means.items())}
+            for name, sc in scores.items()
+        }
     report["first_of_all_cells"] = {
         name: [{"cell": str(Cell.from_code(int(c))), "nb201_index": Cell.from_code(int(c)).index,
                 "table_rank": int(np.sum(table_z > table_z[c])) + 1} for c in np.argsort(-sc)[:5]]

@@ -74,6 +74,7 @@ def summarise(fits: list[dict], name: str, seeds: list[int], recipe: dict, picks
         out["cells_at_every_seed"] = len(common)
         mean = {c: statistics.mean(by_seed[s][c] for s in seeds) for c in common}
         out["table_spearman_of_mean"] = rounded(spearman([table[Cell.parse(c).code] for c in common], [mean[c] for c in common]))
+        out["cell_means"] = {c: round(a, 3) for c, a in mean.items()}
         if picks and wanted <= set(common):
             out["mean_over_seeds"] = checks(mean, picks, randoms)
     if picks:
