@@ -137,13 +137,18 @@ def criterion(acc: dict, picks: list[str]) -> dict | None:
             "top1_rank": 1 + sum(1 for a in acc.values() if a > acc[picks[0]]), "cells": len(acc)}
 
 
+def recipe_records(path: Path, epochs: int, augment: str) -> list[dict]:
+    """The records of a run's heldout.jsonl fitted with ``epochs`` and ``augment`` (records
+    written before runs took --augment are crop-flip); another recipe's, or a smoke run's, are left out."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return [r for r in records if r["epochs"] == epochs and r.get("augment", AUGMENT) == augment]
+
+
 def report(args) -> dict:
-    records = [json.loads(line) for f in args.runs for line in (f / "heldout.jsonl").read_text().splitlines() if line]
+    records = [r for f in args.runs for r in recipe_records(f / "heldout.jsonl", args.epochs, args.augment)]
     picks = {s["set"]: [p["cell"] for p in s["picks"]] for s in json.loads(EVAL.read_text())["sets"]}
     runs: dict = {}
     for r in records:
-        if r["epochs"] != args.epochs or r.get("augment", AUGMENT) != args.augment:  # another recipe's, or a smoke run's
-            continue
         runs.setdefault((r["set"], r["seed"], r["lr"], r["device"]), {})[r["cell"]] = r["accuracy"]
     # The CPU fits of the runs' own recipes, found by their keys.
     keyed = {(s, recipe_key(args.epochs, seed, SETS[s], lr, bf16, args.augment)): (s, seed, lr, "cpu bfloat16" if bf16 else "cpu")

@@ -27,6 +27,7 @@ import math
 import statistics
 from pathlib import Path
 
+from gpu_heldout import recipe_records
 from heldout_fit import LARGEST, LR, REPO, RESNET, SETS, criterion, load_results, panel_cells, recipe_key
 from label_reliability import published_accuracy
 
@@ -84,13 +85,9 @@ def summarise(fits: list[dict], name: str, seeds: list[int], recipe: dict, picks
 
 def gpu_fits(path: Path, seeds: list[int], recipe: dict) -> list[dict]:
     """`gpu_heldout.py` records of ``recipe`` at ``seeds``, as heldout_fits.json entries."""
-    fits = []
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        if r["seed"] in seeds and r["epochs"] == recipe["epochs"] and r["augment"] == recipe["augment"] and r["lr"] == LR:
-            key = recipe_key(seed=r["seed"], per_class=SETS[r["set"]], **recipe)
-            fits.append({"set": r["set"], "cell": r["cell"], "recipe": key, "best_val_acc": r["accuracy"], "device": r["device"]})
-    return fits
+    return [{"set": r["set"], "cell": r["cell"], "recipe": recipe_key(seed=r["seed"], per_class=SETS[r["set"]], **recipe),
+             "best_val_acc": r["accuracy"], "device": r["device"]}
+            for r in recipe_records(path, recipe["epochs"], recipe["augment"]) if r["seed"] in seeds and r["lr"] == LR]
 
 
 def main() -> None:
