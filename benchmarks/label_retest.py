@@ -10,6 +10,11 @@ and the label read off each epoch of the curves), the median absolute difference
 reliability the sampling-noise formula predicted. Results are merged into ``--out`` after
 every cell, so a killed run resumes where it stopped.
 
+A run is a seed and a precision: a GPU or a CPU that computes bfloat16 natively trains under
+bfloat16 autocast, any other CPU in float32. With the database's own seed on a machine of the
+other precision, the same fits are repeated with only the rounding changed, which tells
+whether records from both kinds of machine are the same label.
+
     python benchmarks/label_retest.py --tasks t00008 t00002 --device cpu --out docs/label_retest.json
 
 A label costs what a database record cost on the same device (minutes each on a 2-core CPU).
@@ -44,13 +49,19 @@ def load(path: Path) -> list[dict]:
     return json.loads(path.read_text())["labels"] if path.exists() else []
 
 
+def precision(device: str) -> str:
+    """The arithmetic a record's device trained in (`device_name` says "cpu" only for float32)."""
+    return "float32" if device == "cpu" else "bfloat16"
+
+
 def runs_by_rate(records: list[Record], settings: BuildSettings, retest: list[dict]) -> dict:
-    """{lr: {seed: {(task, cell): label}}}, the database's records as its own seed's run."""
+    """{lr: {(seed, precision): {(task, cell): label}}}, the database's records as its own seed's run."""
     runs: dict = defaultdict(lambda: defaultdict(dict))
     for r in records:
-        runs[settings.schedule.lr][settings.seed][r.task, r.cell] = {"accuracy": r.accuracy, "curve": r.curve, "device": r.device}
+        run = settings.seed, precision(r.device)
+        runs[settings.schedule.lr][run][r.task, r.cell] = {"accuracy": r.accuracy, "curve": r.curve, "device": r.device}
     for r in retest:
-        runs[r.get("lr", DEFAULT_LR)][r["seed"]][r["task"], r["cell"]] = r
+        runs[r.get("lr", DEFAULT_LR)][r["seed"], precision(r["device"])][r["task"], r["cell"]] = r
     return runs
 
 
@@ -78,13 +89,13 @@ def rates_compared(runs: dict) -> list[dict]:
                 keys = [k for k in one if k[0] == tid and k in two]
                 a = np.array([one[k]["accuracy"] for k in keys])
                 b = np.array([two[k]["accuracy"] for k in keys])
-                rows.append({"task": tid, "seed": s, "rates": [lr1, lr2], "cells": len(keys),
+                rows.append({"task": tid, "seed": s[0], "precision": s[1], "rates": [lr1, lr2], "cells": len(keys),
                              "mean_accuracy": [round(float(a.mean()), 2), round(float(b.mean()), 2)],
                              "cells_higher_at_second": int(np.sum(b > a)), "cells_lower_at_second": int(np.sum(b < a))})
     return rows
 
 
-def compare(task, lr: float, seeds: list[int], pairs: list[tuple[dict, dict]]) -> dict:
+def compare(task, lr: float, runs: list[tuple[int, str]], pairs: list[tuple[dict, dict]]) -> dict:
     a = np.array([p["accuracy"] for p, _ in pairs])
     b = np.array([q["accuracy"] for _, q in pairs])
     n_val = sum(len(f) for f in task.val)
@@ -94,7 +105,8 @@ def compare(task, lr: float, seeds: list[int], pairs: list[tuple[dict, dict]]) -
     chance = 100.0 / len(task.classes)
     epochs = min(len(x["curve"]) for pair in pairs for x in pair)
     return {
-        "task": task.id, "source": task.source, "classes": len(task.classes), "lr": lr, "seeds": seeds,
+        "task": task.id, "source": task.source, "classes": len(task.classes), "lr": lr,
+        "seeds": [s for s, _ in runs], "precisions": [p for _, p in runs],
         "train_images": sum(len(f) for f in task.train), "val_images": n_val,
         "cells": len(pairs), "devices": sorted({x["device"] for pair in pairs for x in pair}),
         "retest_spearman": round(spearman(a, b), 3),
@@ -139,7 +151,7 @@ def main() -> None:
     ap.add_argument("--sources", type=Path, default=REPO.parent / "shared/data/images",
                     help="folder holding the database's sources by name")
     ap.add_argument("--tasks", nargs="+", required=True, help="task ids, labelled in this order")
-    ap.add_argument("--seed", type=int, default=1, help="build seed of the retest run (the database's is in its manifest)")
+    ap.add_argument("--seed", type=int, default=1, help="build seed of the retest run (the database's, in its manifest, only on a machine of the other precision)")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate of the retest run (the database's by default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=REPO / "docs/label_retest.json")
@@ -152,8 +164,6 @@ def main() -> None:
     db = Database(args.db.resolve())
     settings = BuildSettings.from_dict(db.manifest["settings"])
     args.lr = settings.schedule.lr if args.lr is None else args.lr
-    if args.seed == settings.seed and args.lr == settings.schedule.lr:
-        raise SystemExit(f"--seed {args.seed} is the database's own; a retest needs another")
     schedule = replace(settings.schedule, lr=args.lr)
     tasks = {t.id: t for t in db.tasks()}
     records = db.records()  # read once: nothing else writes the database while this runs
@@ -163,10 +173,16 @@ def main() -> None:
     missing = [t for t in args.tasks if t not in tasks]
     if missing:
         raise SystemExit(f"no such task in {args.db}: {', '.join(missing)}")
+    dev, name = torch.device(args.device), device_name(args.device)
+    if args.seed == settings.seed and args.lr == settings.schedule.lr:
+        same = sorted({r.task for r in records if r.task in args.tasks and precision(r.device) == precision(name)})
+        if same and not args.report_only:
+            raise SystemExit(f"--seed {args.seed} is the database's own and {', '.join(same)} already has "
+                             f"{precision(name)} records; a retest needs another seed or the other precision")
 
     retest = load(args.out)
-    done = {(r["task"], r["cell"]) for r in retest if r["seed"] == args.seed and r.get("lr", DEFAULT_LR) == args.lr}
-    dev, name = torch.device(args.device), device_name(args.device)
+    done = {(r["task"], r["cell"]) for r in retest
+            if r["seed"] == args.seed and r.get("lr", DEFAULT_LR) == args.lr and precision(r["device"]) == precision(name)}
 
     def save() -> dict:
         result = report(db, settings, tasks, records, retest)
