@@ -174,9 +174,10 @@ def main() -> None:
     if missing:
         raise SystemExit(f"no such task in {args.db}: {', '.join(missing)}")
     dev, name = torch.device(args.device), device_name(args.device)
-    if args.seed == settings.seed and args.lr == settings.schedule.lr:
+    labelling = not (args.report_only or args.print_only)
+    if labelling and args.seed == settings.seed and args.lr == settings.schedule.lr:
         same = sorted({r.task for r in records if r.task in args.tasks and precision(r.device) == precision(name)})
-        if same and not args.report_only:
+        if same:
             raise SystemExit(f"--seed {args.seed} is the database's own and {', '.join(same)} already has "
                              f"{precision(name)} records; a retest needs another seed or the other precision")
 
@@ -191,7 +192,7 @@ def main() -> None:
             tmp.write_text(json.dumps(result, indent=1) + "\n")
         return result
 
-    if not (args.report_only or args.print_only):
+    if labelling:
         for tid in args.tasks:
             task = tasks[tid]
             todo = [c for c in labelled[tid] if (tid, c) not in done]
