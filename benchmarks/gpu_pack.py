@@ -4,11 +4,15 @@ A device machine gets a copy of the repository and nothing beside it, so the ima
 database's tasks travel decoded as `fit` decodes them (uint8, 32x32), one compressed file
 per source holding only the files the packed tasks use. Tasks are packed in the
 database's order until the size budget is spent; the device labels them in that order.
+With ``--tasks``, the named tasks instead, in that order and with every cell, labelled or
+not: labels of cells the database holds are a retest (`label_retest.py --import-labels`),
+e.g. of float32 CPU records in bfloat16 on the GPU.
 Also packed: a 1,000-image CIFAR-10 calibration task (10 classes x 100 images, 25%
 validation) with the published accuracies of the calibration cells, used only to check
 how well a label schedule ranks cells.
 
     python benchmarks/gpu_pack.py --db databases/nb201_30ep --out .gpu --budget-mb 40
+    python benchmarks/gpu_pack.py --tasks t00084 t00085 --out .gpu   # a retest of two tasks
 """
 
 from __future__ import annotations
@@ -54,10 +58,16 @@ def pack_calibration(out: Path, per_class: int = 100, val_fraction: float = 0.25
     np.savez_compressed(out / "calibration.npz", **arrays)
 
 
-def pack_tasks(db: Path, out: Path, budget: float) -> int:
+def pack_tasks(db: Path, out: Path, budget: float, named: list[str] | None = None) -> int:
     tasks = json.loads((db / "tasks.json").read_text())
     database = Database(db)
-    if database.manifest["format_version"] >= 2:  # labels of this kind exist: pack only what is left
+    if named:
+        by_id = {t["id"]: t for t in tasks}
+        unknown = [t for t in named if t not in by_id]
+        if unknown:
+            raise SystemExit(f"no such task in {db}: {', '.join(unknown)}")
+        tasks = [by_id[t] for t in named]
+    elif database.manifest["format_version"] >= 2:  # labels of this kind exist: pack only what is left
         done = {(r.task, r.cell) for r in database.records()}
         tasks = [t for t in tasks if any((t["id"], c) not in done for c in t["cells"])]
     chosen, per_source, size = [], {}, 0.0
@@ -71,6 +81,8 @@ def pack_tasks(db: Path, out: Path, budget: float) -> int:
             estimate[task["source"]] = len(zlib.compress(block.tobytes(), 6)) / len(block)
         cost = len(new) * estimate[task["source"]]
         if size + cost > budget:
+            if named:
+                raise SystemExit(f"the named tasks need more than --budget-mb {budget / 1e6:g}")
             break
         size += cost
         per_source.setdefault(task["source"], set()).update(new)
@@ -92,10 +104,11 @@ def main() -> None:
     ap.add_argument("--db", type=Path, default=REPO / "databases" / "nb201_30ep")
     ap.add_argument("--out", type=Path, default=REPO / ".gpu")
     ap.add_argument("--budget-mb", type=float, default=40.0)
+    ap.add_argument("--tasks", nargs="+", help="pack these tasks, every cell, in this order")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     pack_calibration(args.out)
-    n = pack_tasks(args.db, args.out, args.budget_mb * 1e6)
+    n = pack_tasks(args.db, args.out, args.budget_mb * 1e6, args.tasks)
     # The proxy that labelled format-1 databases, for the speed comparison in the same run.
     old = subprocess.run(["git", "show", "b453a4c:src/metad2a_cli/proxy.py"], cwd=REPO, check=True,
                          capture_output=True, text=True).stdout

@@ -15,6 +15,10 @@ what users get (held-out fits), next to the published table.
   has 10 cells). A label is a fit, so it can agree with full training no better than `fit`
   itself does in that regime. A task's `table_sd` is the spread of its cells' published
   accuracies: the narrower, the lower a Spearman for the same noise.
+- Precision: a record trained under bfloat16 autocast (a GPU, or a CPU that computes it
+  natively) or in float32 (any other CPU); its device says which. Each task labelled wholly
+  in float32 is set against the median of its source's tasks labelled wholly in bfloat16,
+  with a one-sided sign test of "float32 tasks sit lower" (chance alone puts half below).
 - The draw's median: builds reach tasks in draw order but not evenly over sources, so the
   plain median over complete tasks leans to whichever sources were built first. Weighting
   each complete task by its source's share of the whole draw (divided among the source's
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -71,6 +76,37 @@ def edge_ops(cell: str) -> np.ndarray:
     x = np.zeros(len(ops) * len(OPS))
     x[np.arange(len(ops)) * len(OPS) + np.asarray(ops)] = 1.0
     return x
+
+
+def precision(device: str) -> str:
+    """The arithmetic a record's device trained in (`device_name` says "cpu" only for float32)."""
+    return "float32" if device == "cpu" else "bfloat16"
+
+
+def sign_test_below(below: int, n: int) -> float:
+    """One-sided p of at least ``below`` of ``n`` falling below a median by chance."""
+    return sum(math.comb(n, k) for k in range(below, n + 1)) / 2**n if n else 1.0
+
+
+def float32_vs_source(rows: list[dict]) -> dict:
+    """Each complete task labelled wholly in float32 against its source's bfloat16 median."""
+    complete = [r for r in rows if r["complete"] and np.isfinite(r["table_spearman"])]
+    bf16 = defaultdict(list)
+    for r in complete:
+        if r["precisions"] == ["bfloat16"]:
+            bf16[r["source"]].append(r["table_spearman"])
+    compared = []
+    for r in complete:
+        if r["precisions"] == ["float32"] and bf16[r["source"]]:
+            median = statistics.median(bf16[r["source"]])
+            compared.append({"task": r["task"], "source": r["source"], "table_spearman": r["table_spearman"],
+                             "source_bfloat16_median": round(median, 3),
+                             "difference": round(r["table_spearman"] - median, 3)})
+    below = sum(c["difference"] < 0 for c in compared)
+    return {"float32_tasks": len(compared), "below_source_median": below,
+            "sign_test_p_one_sided": round(sign_test_below(below, len(compared)), 3),
+            "median_difference": round(statistics.median(c["difference"] for c in compared), 3) if compared else None,
+            "mixed_tasks": sum(len(r["precisions"]) > 1 for r in complete), "tasks": compared}
 
 
 def fit_vs_table(fits: list[dict], published: np.ndarray, subsets: int = 2000) -> dict:
@@ -167,6 +203,7 @@ def main() -> None:
             "reliability": round(1 - noise / spread, 3) if spread else None,
             "table_spearman": round(spearman(published[codes], acc), 3),
             "complete": len(acc) >= len(tasks[tid].cells),
+            "precisions": sorted({precision(r.device) for r in by_task[tid]}),
             "table_sd": round(float(np.std(published[[Cell.parse(c).code for c in tasks[tid].cells]])), 2),
         })
     if not rows:
@@ -225,6 +262,7 @@ def main() -> None:
         if any(r["complete"] for r in rows) else None,
         "draw_weighted_table_spearman": draw_weighted(rows, drawn),
         "table_spearman_along_curves": along,
+        "float32_vs_source": float32_vs_source(rows),
         "by_source": sources, "heldout_transfer": transfer, "tasks_detail": rows,
     }
     text = json.dumps(report, indent=1)

@@ -7,7 +7,10 @@ network may move a cell by several points. Here both noises are in: run 1 is the
 database's own records, run 2 is the same cell on the same task with the task's fit seed
 taken from build seed ``--seed``. Per task: Spearman between the two runs (final labels,
 and the label read off each epoch of the curves), the median absolute difference, and the
-reliability the sampling-noise formula predicted. Results are merged into ``--out`` after
+reliability the sampling-noise formula predicted. With the published table beside the
+database (``--table``), also each run's Spearman against it on the same cells, and how far
+that Spearman moves when the first run's labels get a random difference of the size the two
+runs showed: a change between runs inside that spread is label noise. Results are merged into ``--out`` after
 every cell, so a killed run resumes where it stopped.
 
 A run is a seed and a precision: a GPU or a CPU that computes bfloat16 natively trains under
@@ -18,6 +21,11 @@ whether records from both kinds of machine are the same label.
     python benchmarks/label_retest.py --tasks t00008 t00002 --device cpu --out docs/label_retest.json
 
 A label costs what a database record cost on the same device (minutes each on a 2-core CPU).
+Labels made on a lent GPU (`gpu_pack.py --tasks ...`, then `gpu_labels.py` there) come in as
+one more run with ``--import-labels RUN``, at the database's seed and rate:
+
+    python benchmarks/label_retest.py --db databases/nb201_30ep --seed 0 --import-labels FILES_AT \
+        --out docs/label_precision_30ep_float32_tasks.json
 """
 
 from __future__ import annotations
@@ -33,9 +41,10 @@ from pathlib import Path
 
 import numpy as np
 
-from label_reliability import sampling_noise
+from label_reliability import precision, published_accuracy, sampling_noise
 
 from metad2a_cli.atomic import atomic_paths
+from metad2a_cli.meta.table import TABLE_FILE, load_table
 from metad2a_cli.meta.db import BuildSettings, Database, Record, device_name, load_task_images, task_seed
 from metad2a_cli.meta.train import spearman
 from metad2a_cli.nb201.cells import Cell
@@ -49,23 +58,19 @@ def load(path: Path) -> list[dict]:
     return json.loads(path.read_text())["labels"] if path.exists() else []
 
 
-def precision(device: str) -> str:
-    """The arithmetic a record's device trained in (`device_name` says "cpu" only for float32)."""
-    return "float32" if device == "cpu" else "bfloat16"
-
-
 def runs_by_rate(records: list[Record], settings: BuildSettings, retest: list[dict]) -> dict:
     """{lr: {(seed, precision): {(task, cell): label}}}, the database's records as its own seed's run."""
     runs: dict = defaultdict(lambda: defaultdict(dict))
     for r in records:
         run = settings.seed, precision(r.device)
-        runs[settings.schedule.lr][run][r.task, r.cell] = {"accuracy": r.accuracy, "curve": r.curve, "device": r.device}
+        runs[settings.schedule.lr][run][r.task, r.cell] = {"cell": r.cell, "accuracy": r.accuracy, "curve": r.curve,
+                                                              "device": r.device}
     for r in retest:
         runs[r.get("lr", DEFAULT_LR)][r["seed"], precision(r["device"])][r["task"], r["cell"]] = r
     return runs
 
 
-def summarise(tasks: dict, runs: dict) -> list[dict]:
+def summarise(tasks: dict, runs: dict, published: np.ndarray | None = None) -> list[dict]:
     """Per task, learning rate and pair of seeds, the cells both runs labelled."""
     rows = []
     for lr, by_seed in sorted(runs.items()):
@@ -75,7 +80,7 @@ def summarise(tasks: dict, runs: dict) -> list[dict]:
                 one, two = by_seed[s1], by_seed[s2]
                 pairs = [(one[k], two[k]) for k in one if k[0] == tid and k in two]
                 if len(pairs) >= 3:
-                    rows.append(compare(tasks[tid], lr, [s1, s2], pairs))
+                    rows.append(compare(tasks[tid], lr, [s1, s2], pairs, published))
     return rows
 
 
@@ -95,7 +100,21 @@ def rates_compared(runs: dict) -> list[dict]:
     return rows
 
 
-def compare(task, lr: float, runs: list[tuple[int, str]], pairs: list[tuple[dict, dict]]) -> dict:
+def table_change_by_noise(a: np.ndarray, b: np.ndarray, table: np.ndarray, draws: int = 4000) -> dict:
+    """Each run's Spearman against the table, and the spread of that Spearman when run ``a``
+    gets a normal difference with the sd of ``a - b`` (seeded): what label noise alone moves."""
+    first, second = spearman(a, table), spearman(b, table)
+    rng = np.random.default_rng(0)
+    sd = float(np.std(a - b, ddof=1))
+    moved = np.array([spearman(a + rng.normal(0, sd, len(a)), table) - first for _ in range(draws)])
+    return {"table_spearman": [round(first, 3), round(second, 3)], "table_spearman_change": round(second - first, 3),
+            "noise_change_sd": round(float(moved.std()), 3),
+            "noise_share_at_least_change": round(float(np.mean(np.abs(moved) >= abs(second - first) - 1e-12)), 3),
+            "noise_draws": draws}
+
+
+def compare(task, lr: float, runs: list[tuple[int, str]], pairs: list[tuple[dict, dict]],
+            published: np.ndarray | None = None) -> dict:
     a = np.array([p["accuracy"] for p, _ in pairs])
     b = np.array([q["accuracy"] for _, q in pairs])
     n_val = sum(len(f) for f in task.val)
@@ -104,6 +123,9 @@ def compare(task, lr: float, runs: list[tuple[int, str]], pairs: list[tuple[dict
     diff_sd = float(np.std(a - b, ddof=1))
     chance = 100.0 / len(task.classes)
     epochs = min(len(x["curve"]) for pair in pairs for x in pair)
+    versus_table = {}
+    if published is not None:
+        versus_table = table_change_by_noise(a, b, published[[Cell.parse(x["cell"]).code for x, _ in pairs]])
     return {
         "task": task.id, "source": task.source, "classes": len(task.classes), "lr": lr,
         "seeds": [s for s, _ in runs], "precisions": [p for _, p in runs],
@@ -120,6 +142,7 @@ def compare(task, lr: float, runs: list[tuple[int, str]], pairs: list[tuple[dict
         "run_diff_sd": round(diff_sd, 2),
         "sampling_reliability": round(1 - noise / spread, 3),
         "retest_reliability": round(1 - diff_sd**2 / 2 / (100**2 * spread), 3),
+        **versus_table,
         "retest_spearman_by_epoch": [
             round(spearman([p["curve"][e] for p, _ in pairs], [q["curve"][e] for _, q in pairs]), 3)
             for e in range(epochs)
@@ -127,9 +150,29 @@ def compare(task, lr: float, runs: list[tuple[int, str]], pairs: list[tuple[dict
     }
 
 
-def report(db: Database, settings: BuildSettings, tasks: dict, records: list[Record], retest: list[dict]) -> dict:
+def imported(run: Path, db: Database, records: list[Record], seed: int) -> list[dict]:
+    """A GPU run's labels (`gpu_labels.py`'s records.jsonl) as retest entries at ``seed``, held
+    to the database's schedule; a cell whose record has the run's precision is left out (it
+    would stand for the database's own run)."""
+    ran = json.loads((run / "gpu_labels.json").read_text()).get("schedule")
+    if ran != db.schedule.to_dict():
+        raise SystemExit(f"the run labelled with schedule {ran}; {db.path} labels with {db.schedule.to_dict()}")
+    own = {(r.task, r.cell): precision(r.device) for r in records}
+    out = []
+    for line in (run / "records.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if (r["task"], r["cell"]) not in own:
+            raise SystemExit(f"{r['task']} {r['cell']}: the database holds no such record to retest")
+        if own[r["task"], r["cell"]] != precision(r["device"]):
+            out.append({"task": r["task"], "cell": r["cell"], "seed": seed, "lr": db.schedule.lr,
+                        "accuracy": r["accuracy"], "curve": r["curve"], "seconds": r["seconds"], "device": r["device"]})
+    return out
+
+
+def report(db: Database, settings: BuildSettings, tasks: dict, records: list[Record], retest: list[dict],
+           published: np.ndarray | None = None) -> dict:
     runs = runs_by_rate(records, settings, retest)
-    rows = summarise(tasks, runs)
+    rows = summarise(tasks, runs, published)
     by_lr = defaultdict(list)
     for r in rows:
         by_lr[r["lr"]].append(r)
@@ -139,6 +182,8 @@ def report(db: Database, settings: BuildSettings, tasks: dict, records: list[Rec
         "by_lr": {str(lr): {"pairs": len(rs),
                             "median_retest_spearman": statistics.median(r["retest_spearman"] for r in rs),
                             "median_retest_reliability": statistics.median(r["retest_reliability"] for r in rs),
+                            **({"median_table_spearman_change": statistics.median(r["table_spearman_change"] for r in rs)}
+                               if published is not None else {}),
                             "mean_accuracy": round(statistics.mean(r["mean_accuracy"] for r in rs), 2)}
                   for lr, rs in sorted(by_lr.items())},
         "tasks": rows, "rates": rates_compared(runs), "labels": retest,
@@ -150,13 +195,16 @@ def main() -> None:
     ap.add_argument("--db", type=Path, default=REPO / "databases/nb201")
     ap.add_argument("--sources", type=Path, default=REPO.parent / "shared/data/images",
                     help="folder holding the database's sources by name")
-    ap.add_argument("--tasks", nargs="+", required=True, help="task ids, labelled in this order")
+    ap.add_argument("--tasks", nargs="*", default=[], help="task ids, labelled in this order")
     ap.add_argument("--seed", type=int, default=1, help="build seed of the retest run (the database's, in its manifest, only on a machine of the other precision)")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate of the retest run (the database's by default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=REPO / "docs/label_retest.json")
     ap.add_argument("--report-only", action="store_true", help="summarise what --out holds, label nothing")
     ap.add_argument("--print-only", action="store_true", help="print the summary, write nothing")
+    ap.add_argument("--import-labels", type=Path, metavar="RUN",
+                    help="a gpu_labels.py run's folder: its labels join --out as the run at --seed, nothing labelled here")
+    ap.add_argument("--table", type=Path, help=f"published accuracies (default: the database's {TABLE_FILE}, if any)")
     args = ap.parse_args()
 
     import torch
@@ -170,11 +218,15 @@ def main() -> None:
     labelled = defaultdict(list)
     for r in records:
         labelled[r.task].append(r.cell)
+    table = args.table or args.db / TABLE_FILE
+    published = published_accuracy(load_table(table)) if table.is_file() else None
     missing = [t for t in args.tasks if t not in tasks]
     if missing:
         raise SystemExit(f"no such task in {args.db}: {', '.join(missing)}")
     dev, name = torch.device(args.device), device_name(args.device)
-    labelling = not (args.report_only or args.print_only)
+    labelling = not (args.report_only or args.print_only or args.import_labels)
+    if labelling and not args.tasks:
+        raise SystemExit("name the --tasks to label")
     if labelling and args.seed == settings.seed and args.lr == settings.schedule.lr:
         same = sorted({r.task for r in records if r.task in args.tasks and precision(r.device) == precision(name)})
         if same:
@@ -185,8 +237,15 @@ def main() -> None:
     done = {(r["task"], r["cell"]) for r in retest
             if r["seed"] == args.seed and r.get("lr", DEFAULT_LR) == args.lr and precision(r["device"]) == precision(name)}
 
+    if args.import_labels:
+        new = [r for r in imported(args.import_labels, db, records, args.seed)
+               if (r["task"], r["cell"], r["seed"], precision(r["device"])) not in
+               {(x["task"], x["cell"], x["seed"], precision(x["device"])) for x in retest}]
+        retest += new
+        print(f"{len(new)} labels imported from {args.import_labels}")
+
     def save() -> dict:
-        result = report(db, settings, tasks, records, retest)
+        result = report(db, settings, tasks, records, retest, published)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_paths(args.out) as [tmp]:
             tmp.write_text(json.dumps(result, indent=1) + "\n")
@@ -212,7 +271,7 @@ def main() -> None:
                 })
                 save()
                 print(f"{tid} lr {args.lr} seed {args.seed} {cell} {label.accuracy:.2f} ({retest[-1]['seconds']} s)", flush=True)
-    result = report(db, settings, tasks, records, retest) if args.print_only else save()
+    result = report(db, settings, tasks, records, retest, published) if args.print_only else save()
     for row in result["tasks"]:
         print({k: v for k, v in row.items() if k != "retest_spearman_by_epoch"})
     for row in result["rates"]:

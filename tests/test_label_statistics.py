@@ -1,0 +1,64 @@
+"""The statistics the label benchmarks report (docs/labels.md quotes them)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from label_reliability import float32_vs_source, precision, sign_test_below  # noqa: E402
+from label_retest import table_change_by_noise  # noqa: E402
+
+
+def test_sign_test_counts_the_binomial_tail():
+    assert sign_test_below(5, 6) == pytest.approx(7 / 64)
+    assert sign_test_below(6, 6) == pytest.approx(1 / 64)
+    assert sign_test_below(0, 4) == 1.0
+    assert sign_test_below(0, 0) == 1.0
+
+
+def test_precision_follows_the_device_name():
+    assert precision("cpu") == "float32"
+    assert precision("cpu bfloat16") == "bfloat16"
+    assert precision("NVIDIA H200") == "bfloat16"
+
+
+def row(task, source, spearman, precisions, complete=True):
+    return {"task": task, "source": source, "table_spearman": spearman, "precisions": precisions,
+            "complete": complete}
+
+
+def test_float32_tasks_are_set_against_their_sources_bfloat16_median():
+    rows = [
+        row("a1", "A", 0.5, ["bfloat16"]), row("a2", "A", 0.6, ["bfloat16"]), row("a3", "A", 0.7, ["bfloat16"]),
+        row("a4", "A", 0.9, ["bfloat16", "float32"]),  # mixed: not part of the median
+        row("a5", "A", 0.1, ["float32"]), row("a6", "A", 0.8, ["float32"]),
+        row("a7", "A", -0.9, ["float32"], complete=False),  # incomplete: left out
+        row("b1", "B", 0.0, ["float32"]),  # no bfloat16 task in its source to compare with
+        row("c1", "C", float("nan"), ["bfloat16"]),
+    ]
+    got = float32_vs_source(rows)
+    assert got["float32_tasks"] == 2
+    assert got["below_source_median"] == 1
+    assert got["sign_test_p_one_sided"] == pytest.approx(0.75)
+    assert [(t["task"], t["difference"]) for t in got["tasks"]] == [("a5", -0.5), ("a6", 0.2)]
+    assert got["mixed_tasks"] == 1
+
+
+def test_a_change_within_label_noise_is_common_and_a_reversal_is_not():
+    table = np.arange(10.0)
+    same = table_change_by_noise(table.copy(), table.copy(), table)
+    assert same["table_spearman"] == [1.0, 1.0]
+    assert same["table_spearman_change"] == 0.0 and same["noise_share_at_least_change"] == 1.0
+
+    rng = np.random.default_rng(1)
+    a = table * 3
+    nudged = table_change_by_noise(a, a + rng.normal(0, 1.0, 10), table)
+    assert nudged["noise_share_at_least_change"] > 0.2
+
+    reversed_ = table_change_by_noise(a, a[::-1].copy(), table)
+    assert reversed_["table_spearman_change"] == -2.0
+    assert reversed_["noise_share_at_least_change"] < 0.05
+    assert reversed_["noise_change_sd"] > 0
