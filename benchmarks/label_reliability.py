@@ -94,17 +94,23 @@ def float32_vs_source(rows: list[dict]) -> dict:
     bf16 = defaultdict(list)
     for r in complete:
         if r["precisions"] == ["bfloat16"]:
-            bf16[r["source"]].append(r["table_spearman"])
+            bf16[r["source"]].append(r)
     compared = []
     for r in complete:
         if r["precisions"] == ["float32"] and bf16[r["source"]]:
-            median = statistics.median(bf16[r["source"]])
+            median = statistics.median(x["table_spearman"] for x in bf16[r["source"]])
             compared.append({"task": r["task"], "source": r["source"], "table_spearman": r["table_spearman"],
                              "source_bfloat16_median": round(median, 3),
-                             "difference": round(r["table_spearman"] - median, 3)})
+                             "difference": round(r["table_spearman"] - median, 3),
+                             # a narrower spread of labels with the same noise ranks worse
+                             "label_sd_over_source_median": round(
+                                 r["label_sd"] / statistics.median(x["label_sd"] for x in bf16[r["source"]]), 2)})
     below = sum(c["difference"] < 0 for c in compared)
+    narrower = sum(c["label_sd_over_source_median"] < 1 for c in compared)
     return {"float32_tasks": len(compared), "below_source_median": below,
             "sign_test_p_one_sided": round(sign_test_below(below, len(compared)), 3),
+            "label_sd_below_source_median": narrower,
+            "label_sd_sign_test_p_one_sided": round(sign_test_below(narrower, len(compared)), 3),
             "median_difference": round(statistics.median(c["difference"] for c in compared), 3) if compared else None,
             "mixed_tasks": sum(len(r["precisions"]) > 1 for r in complete), "tasks": compared}
 

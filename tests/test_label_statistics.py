@@ -25,16 +25,16 @@ def test_precision_follows_the_device_name():
     assert precision("NVIDIA H200") == "bfloat16"
 
 
-def row(task, source, spearman, precisions, complete=True):
+def row(task, source, spearman, precisions, complete=True, label_sd=4.0):
     return {"task": task, "source": source, "table_spearman": spearman, "precisions": precisions,
-            "complete": complete}
+            "complete": complete, "label_sd": label_sd}
 
 
 def test_float32_tasks_are_set_against_their_sources_bfloat16_median():
     rows = [
         row("a1", "A", 0.5, ["bfloat16"]), row("a2", "A", 0.6, ["bfloat16"]), row("a3", "A", 0.7, ["bfloat16"]),
         row("a4", "A", 0.9, ["bfloat16", "float32"]),  # mixed: not part of the median
-        row("a5", "A", 0.1, ["float32"]), row("a6", "A", 0.8, ["float32"]),
+        row("a5", "A", 0.1, ["float32"], label_sd=2.0), row("a6", "A", 0.8, ["float32"]),
         row("a7", "A", -0.9, ["float32"], complete=False),  # incomplete: left out
         row("b1", "B", 0.0, ["float32"]),  # no bfloat16 task in its source to compare with
         row("c1", "C", float("nan"), ["bfloat16"]),
@@ -45,6 +45,8 @@ def test_float32_tasks_are_set_against_their_sources_bfloat16_median():
     assert got["sign_test_p_one_sided"] == pytest.approx(0.75)
     assert [(t["task"], t["difference"]) for t in got["tasks"]] == [("a5", -0.5), ("a6", 0.2)]
     assert got["mixed_tasks"] == 1
+    assert [t["label_sd_over_source_median"] for t in got["tasks"]] == [0.5, 1.0]
+    assert got["label_sd_below_source_median"] == 1
 
 
 def test_a_change_within_label_noise_is_common_and_a_reversal_is_not():
