@@ -17,6 +17,13 @@ from pathlib import Path
 from metad2a_cli.meta.db import Database, Record, parse_shard
 
 
+def check_schedule(db: Database, run: Path) -> None:
+    """Refuse a run whose labels are not the database's kind (another schedule)."""
+    ran = json.loads((run / "gpu_labels.json").read_text()).get("schedule")
+    if ran != db.schedule.to_dict():
+        raise SystemExit(f"the run labelled with schedule {ran}; {db.path} labels with {db.schedule.to_dict()}")
+
+
 def append_new(db: Database, records: list[Record], shard: tuple[int, int]) -> int:
     """Append the records ``db`` does not hold yet through its shard writer; returns how many."""
     done = {(r.task, r.cell) for r in db.records()}
@@ -37,10 +44,7 @@ def main() -> None:
     ap.add_argument("--shard", default="0/1")
     args = ap.parse_args()
     db = Database(args.db)
-    ran = json.loads((args.run / "gpu_labels.json").read_text()).get("schedule")
-    wanted = db.schedule.to_dict()
-    if ran != wanted:
-        raise SystemExit(f"the run labelled with schedule {ran}; {args.db} labels with {wanted}")
+    check_schedule(db, args.run)
     cells = {t.id: set(t.cells) for t in db.tasks()}
     new = [Record(**json.loads(line)) for line in (args.run / "records.jsonl").read_text().splitlines() if line.strip()]
     for r in new:

@@ -41,11 +41,12 @@ from pathlib import Path
 
 import numpy as np
 
+from gpu_import import check_schedule
 from label_reliability import precision, published_accuracy, sampling_noise
 
 from metad2a_cli.atomic import atomic_paths
-from metad2a_cli.meta.table import TABLE_FILE, load_table
 from metad2a_cli.meta.db import BuildSettings, Database, Record, device_name, load_task_images, task_seed
+from metad2a_cli.meta.table import TABLE_FILE, load_table
 from metad2a_cli.meta.train import spearman
 from metad2a_cli.nb201.cells import Cell
 from metad2a_cli.training.labels import label_cells
@@ -154,9 +155,7 @@ def imported(run: Path, db: Database, records: list[Record], seed: int) -> list[
     """A GPU run's labels (`gpu_labels.py`'s records.jsonl) as retest entries at ``seed``, held
     to the database's schedule; a cell whose record has the run's precision is left out (it
     would stand for the database's own run)."""
-    ran = json.loads((run / "gpu_labels.json").read_text()).get("schedule")
-    if ran != db.schedule.to_dict():
-        raise SystemExit(f"the run labelled with schedule {ran}; {db.path} labels with {db.schedule.to_dict()}")
+    check_schedule(db, run)
     own = {(r.task, r.cell): precision(r.device) for r in records}
     out = []
     for line in (run / "records.jsonl").read_text().splitlines():
