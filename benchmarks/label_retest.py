@@ -138,6 +138,7 @@ def compare(task, lr: float, runs: list[tuple[int, str]], pairs: list[tuple[dict
         "failed_runs": int(np.sum(np.concatenate([a, b]) < 1.5 * chance)),
         "median_abs_diff": round(float(np.median(np.abs(a - b))), 2),
         "label_sd": round(100 * spread**0.5, 2),
+        "label_sd_by_run": [round(float(np.std(a, ddof=1)), 2), round(float(np.std(b, ddof=1)), 2)],
         "sampling_noise_sd": round(100 * noise**0.5, 2),
         # Two runs' labels differ by sqrt(2) times one run's noise (sampling and seed together).
         "run_diff_sd": round(diff_sd, 2),
