@@ -10,8 +10,8 @@ and the label read off each epoch of the curves), the median absolute difference
 reliability the sampling-noise formula predicted. With the published table beside the
 database (``--table``), also each run's Spearman against it on the same cells, and how far
 that Spearman moves when the first run's labels get a random difference of the size the two
-runs showed: a change between runs inside that spread is label noise. Results are merged into ``--out`` after
-every cell, so a killed run resumes where it stopped.
+runs showed: a change between runs inside that spread is label noise. Results are merged
+into ``--out`` after every cell, so a killed run resumes where it stopped.
 
 A run is a seed and a precision: a GPU or a CPU that computes bfloat16 natively trains under
 bfloat16 autocast, any other CPU in float32. With the database's own seed on a machine of the
@@ -24,7 +24,7 @@ A label costs what a database record cost on the same device (minutes each on a 
 Labels made on a lent GPU (`gpu_pack.py --tasks ...`, then `gpu_labels.py` there) come in as
 one more run with ``--import-labels RUN``, at the database's seed and rate:
 
-    python benchmarks/label_retest.py --db databases/nb201_30ep --seed 0 --import-labels FILES_AT \
+    python benchmarks/label_retest.py --db databases/nb201_30ep --import-labels FILES_AT \
         --out docs/label_precision_30ep_float32_tasks.json
 """
 
@@ -153,9 +153,10 @@ def compare(task, lr: float, runs: list[tuple[int, str]], pairs: list[tuple[dict
 
 
 def imported(run: Path, db: Database, records: list[Record], seed: int) -> list[dict]:
-    """A GPU run's labels (`gpu_labels.py`'s records.jsonl) as retest entries at ``seed``, held
-    to the database's schedule; a cell whose record has the run's precision is left out (it
-    would stand for the database's own run)."""
+    """A GPU run's labels (`gpu_labels.py`'s records.jsonl; it fits with task seeds from the
+    database's build seed, ``seed``) as retest entries, held to the database's schedule; a cell
+    whose record has the run's precision is left out (it would stand for the database's own
+    run)."""
     check_schedule(db, run)
     own = {(r.task, r.cell): precision(r.device) for r in records}
     out = []
@@ -203,7 +204,7 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="summarise what --out holds, label nothing")
     ap.add_argument("--print-only", action="store_true", help="print the summary, write nothing")
     ap.add_argument("--import-labels", type=Path, metavar="RUN",
-                    help="a gpu_labels.py run's folder: its labels join --out as the run at --seed, nothing labelled here")
+                    help="a gpu_labels.py run's folder: its labels join --out as a run at the database's seed; nothing labelled here")
     ap.add_argument("--table", type=Path, help=f"published accuracies (default: the database's {TABLE_FILE}, if any)")
     args = ap.parse_args()
 
@@ -238,7 +239,7 @@ def main() -> None:
             if r["seed"] == args.seed and r.get("lr", DEFAULT_LR) == args.lr and precision(r["device"]) == precision(name)}
 
     if args.import_labels:
-        new = [r for r in imported(args.import_labels, db, records, args.seed)
+        new = [r for r in imported(args.import_labels, db, records, settings.seed)
                if (r["task"], r["cell"], r["seed"], precision(r["device"])) not in
                {(x["task"], x["cell"], x["seed"], precision(x["device"])) for x in retest}]
         retest += new
