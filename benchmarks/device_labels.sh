@@ -17,7 +17,7 @@
 #   python benchmarks/gpu_import.py databases/nb201_30ep FILES_AT
 #
 # A retest instead (e.g. the float32 CPU tasks relabelled in bfloat16 here, docs/labels.md):
-#   rm -rf .gpu; python benchmarks/gpu_pack.py --tasks t00084 t00085 t00088 t00083 t00086 t00081
+#   rm -rf .gpu; python benchmarks/gpu_pack.py --tasks t00084 t00090 t00085 t00088 t00083 t00086 t00087 t00081
 # then the same device command; back here the labels join a retest run, not the database:
 #   python benchmarks/label_retest.py --db databases/nb201_30ep --import-labels FILES_AT \
 #       --out docs/label_precision_30ep_float32_tasks.json
