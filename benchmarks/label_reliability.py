@@ -95,16 +95,18 @@ def float32_vs_source(rows: list[dict]) -> dict:
     for r in complete:
         if r["precisions"] == ["bfloat16"]:
             bf16[r["source"]].append(r)
+    # per source: the bfloat16 tasks' median agreement and median label spread
+    medians = {s: (statistics.median(x["table_spearman"] for x in rs), statistics.median(x["label_sd"] for x in rs))
+               for s, rs in bf16.items()}
     compared = []
     for r in complete:
-        if r["precisions"] == ["float32"] and bf16[r["source"]]:
-            median = statistics.median(x["table_spearman"] for x in bf16[r["source"]])
+        if r["precisions"] == ["float32"] and r["source"] in medians:
+            spearman_median, sd_median = medians[r["source"]]
             compared.append({"task": r["task"], "source": r["source"], "table_spearman": r["table_spearman"],
-                             "source_bfloat16_median": round(median, 3),
-                             "difference": round(r["table_spearman"] - median, 3),
+                             "source_bfloat16_median": round(spearman_median, 3),
+                             "difference": round(r["table_spearman"] - spearman_median, 3),
                              # a narrower spread of labels with the same noise ranks worse
-                             "label_sd_over_source_median": round(
-                                 r["label_sd"] / statistics.median(x["label_sd"] for x in bf16[r["source"]]), 2)})
+                             "label_sd_over_source_median": round(r["label_sd"] / sd_median, 2)})
     below = sum(c["difference"] < 0 for c in compared)
     narrower = sum(c["label_sd_over_source_median"] < 1 for c in compared)
     return {"float32_tasks": len(compared), "below_source_median": below,

@@ -239,9 +239,11 @@ def main() -> None:
             if r["seed"] == args.seed and r.get("lr", DEFAULT_LR) == args.lr and precision(r["device"]) == precision(name)}
 
     if args.import_labels:
-        new = [r for r in imported(args.import_labels, db, records, settings.seed)
-               if (r["task"], r["cell"], r["seed"], precision(r["device"])) not in
-               {(x["task"], x["cell"], x["seed"], precision(x["device"])) for x in retest}]
+        def key(r: dict) -> tuple:  # a label's place in runs_by_rate
+            return r.get("lr", DEFAULT_LR), r["seed"], precision(r["device"]), r["task"], r["cell"]
+
+        held = {key(x) for x in retest}
+        new = [r for r in imported(args.import_labels, db, records, settings.seed) if key(r) not in held]
         retest += new
         print(f"{len(new)} labels imported from {args.import_labels}")
 
