@@ -10,7 +10,10 @@ and the label read off each epoch of the curves), the median absolute difference
 reliability the sampling-noise formula predicted. With the published table beside the
 database (``--table``), also each run's Spearman against it on the same cells, and how far
 that Spearman moves when the first run's labels get a random difference of the size the two
-runs showed: a change between runs inside that spread is label noise. Results are merged
+runs showed: a change between runs inside that spread is label noise. Over all tasks, whether
+the second run's difference from the first follows the table (the mean within-task Spearman of
+the difference against the table, against a shuffle of each task's differences): a precision
+that favours some kinds of cell shows there, seed noise does not. Results are merged
 into ``--out`` after every cell, so a killed run resumes where it stopped.
 
 A run is a seed and a precision: a GPU or a CPU that computes bfloat16 natively trains under
@@ -47,7 +50,7 @@ from label_reliability import precision, published_accuracy, sampling_noise
 from metad2a_cli.atomic import atomic_paths
 from metad2a_cli.meta.db import BuildSettings, Database, Record, device_name, load_task_images, task_seed
 from metad2a_cli.meta.table import TABLE_FILE, load_table
-from metad2a_cli.meta.train import spearman
+from metad2a_cli.meta.train import average_ranks, spearman
 from metad2a_cli.nb201.cells import Cell
 from metad2a_cli.training.labels import label_cells
 from metad2a_cli.training.policies import DEFAULT_LR
@@ -101,17 +104,40 @@ def rates_compared(runs: dict) -> list[dict]:
     return rows
 
 
+def rows_against(rows: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each row of ``rows`` with ``ranks``: Spearman, given ranks."""
+    x = rows - rows.mean(axis=1, keepdims=True)
+    y = ranks - ranks.mean()
+    return x @ y / np.sqrt((x * x).sum(axis=1) * (y @ y))
+
+
 def table_change_by_noise(a: np.ndarray, b: np.ndarray, table: np.ndarray, draws: int = 4000) -> dict:
     """Each run's Spearman against the table, and the spread of that Spearman when run ``a``
     gets a normal difference with the sd of ``a - b`` (seeded): what label noise alone moves."""
     first, second = spearman(a, table), spearman(b, table)
     rng = np.random.default_rng(0)
     sd = float(np.std(a - b, ddof=1))
-    moved = np.array([spearman(a + rng.normal(0, sd, len(a)), table) - first for _ in range(draws)])
+    noisy = a + rng.normal(0, sd, (draws, len(a)))  # row by row the stream a draw at a time would take
+    ranks = np.argsort(np.argsort(noisy, axis=1), axis=1)  # continuous noise: no ties
+    moved = rows_against(ranks, average_ranks(table)) - first
     return {"table_spearman": [round(first, 3), round(second, 3)], "table_spearman_change": round(second - first, 3),
             "noise_change_sd": round(float(moved.std()), 3),
             "noise_share_at_least_change": round(float(np.mean(np.abs(moved) >= abs(second - first) - 1e-12)), 3),
             "noise_draws": draws}
+
+
+def difference_follows_table(samples: list[tuple[np.ndarray, np.ndarray]], draws: int = 4000) -> dict:
+    """Mean over tasks of Spearman(b - a, table) for ``samples`` of (b - a, table) per task, and
+    the share of draws, each difference shuffled within its task (seeded), whose mean is at
+    least as far from zero: a systematic shift between runs along the table, or its absence."""
+    observed = float(np.mean([spearman(d, t) for d, t in samples]))
+    rng = np.random.default_rng(0)
+    # Shuffling a difference shuffles its ranks, ties and all.
+    shuffled = np.mean([rows_against(rng.permuted(np.tile(average_ranks(d), (draws, 1)), axis=1), average_ranks(t))
+                        for d, t in samples], axis=0)
+    return {"tasks": len(samples), "mean_spearman": round(observed, 3),
+            "shuffle_share_at_least": round(float(np.mean(np.abs(shuffled) >= abs(observed) - 1e-12)), 3),
+            "draws": draws}
 
 
 def compare(task, lr: float, runs: list[tuple[int, str]], pairs: list[tuple[dict, dict]],
@@ -126,7 +152,9 @@ def compare(task, lr: float, runs: list[tuple[int, str]], pairs: list[tuple[dict
     epochs = min(len(x["curve"]) for pair in pairs for x in pair)
     versus_table = {}
     if published is not None:
-        versus_table = table_change_by_noise(a, b, published[[Cell.parse(x["cell"]).code for x, _ in pairs]])
+        table = published[[Cell.parse(x["cell"]).code for x, _ in pairs]]
+        versus_table = {**table_change_by_noise(a, b, table),
+                        "difference_table_spearman": round(spearman(b - a, table), 3)}
     return {
         "task": task.id, "source": task.source, "classes": len(task.classes), "lr": lr,
         "seeds": [s for s, _ in runs], "precisions": [p for _, p in runs],
@@ -177,13 +205,21 @@ def report(db: Database, settings: BuildSettings, tasks: dict, records: list[Rec
     by_lr = defaultdict(list)
     for r in rows:
         by_lr[r["lr"]].append(r)
+
+    def differences(r: dict) -> tuple[np.ndarray, np.ndarray]:  # (b - a, table) on the row's cells
+        one, two = (runs[r["lr"]][s, p] for s, p in zip(r["seeds"], r["precisions"]))
+        keys = [k for k in one if k[0] == r["task"] and k in two]
+        diff = np.array([two[k]["accuracy"] - one[k]["accuracy"] for k in keys])
+        return diff, published[[Cell.parse(k[1]).code for k in keys]]
+
     return {
         "database": str(db.path.relative_to(REPO) if db.path.is_relative_to(REPO) else db.path),
         "schedule": settings.schedule.to_dict(),
         "by_lr": {str(lr): {"pairs": len(rs),
                             "median_retest_spearman": statistics.median(r["retest_spearman"] for r in rs),
                             "median_retest_reliability": statistics.median(r["retest_reliability"] for r in rs),
-                            **({"median_table_spearman_change": statistics.median(r["table_spearman_change"] for r in rs)}
+                            **({"median_table_spearman_change": statistics.median(r["table_spearman_change"] for r in rs),
+                                "difference_follows_table": difference_follows_table([differences(r) for r in rs])}
                                if published is not None else {}),
                             "mean_accuracy": round(statistics.mean(r["mean_accuracy"] for r in rs), 2)}
                   for lr, rs in sorted(by_lr.items())},

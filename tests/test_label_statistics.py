@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from label_reliability import float32_vs_source, precision, sign_test_below  # noqa: E402
-from label_retest import table_change_by_noise  # noqa: E402
+from label_retest import difference_follows_table, table_change_by_noise  # noqa: E402
 
 
 def test_sign_test_counts_the_binomial_tail():
@@ -64,3 +64,15 @@ def test_a_change_within_label_noise_is_common_and_a_reversal_is_not():
     assert reversed_["table_spearman_change"] == -2.0
     assert reversed_["noise_share_at_least_change"] < 0.05
     assert reversed_["noise_change_sd"] > 0
+
+
+def test_a_difference_along_the_table_stands_out_of_its_shuffles():
+    rng = np.random.default_rng(2)
+    tables = [rng.normal(40, 5, 10) for _ in range(4)]
+    along = difference_follows_table([(-0.5 * t + rng.normal(0, 0.5, 10), t) for t in tables])
+    assert along["tasks"] == 4 and along["mean_spearman"] < -0.8
+    assert along["shuffle_share_at_least"] < 0.01
+
+    unrelated = difference_follows_table([(rng.normal(0, 3, 10), t) for t in tables])
+    assert abs(unrelated["mean_spearman"]) < along["mean_spearman"] * -1
+    assert unrelated["shuffle_share_at_least"] > along["shuffle_share_at_least"]
