@@ -3,8 +3,9 @@
 `training.recipe.autocast` runs the forward pass in bfloat16 on a CPU that computes it
 natively (AVX512-BF16 or AMX); on any other CPU this forces it, so the figure is what
 oneDNN's emulation costs there (`native_bfloat16` says which). This times `label_cells` on
-one database task both ways, interleaved round by round so that other load on the machine falls on both alike, with
-one torch thread (as a builder runs), and reports the median seconds per cell and epoch.
+one database task both ways, interleaved round by round so that other load on the machine
+falls on both alike, with one torch thread (as a builder runs), and reports the median
+seconds per cell and epoch.
 
     PYTHONPATH=src python benchmarks/bench_cpu_bf16.py --db databases/nb201 --task t00002 \
         --out docs/bench_cpu_bf16.json

@@ -258,6 +258,8 @@ def main() -> None:
             **fit_vs_table(got, published),
         }
 
+    # float32 labels from a CPU without native bfloat16 rank cells worse (docs/labels.md)
+    bf16 = [r for r in rows if r["complete"] and r["precisions"] == ["bfloat16"]]
     report = {
         "database": str(db_dir.relative_to(REPO) if db_dir.is_relative_to(REPO) else db_dir),
         "records": sum(r["records"] for r in rows), "tasks": len(rows),
@@ -269,9 +271,8 @@ def main() -> None:
         "median_reliability_complete": round(statistics.median(r["reliability"] for r in rows if r["complete"]), 3)
         if any(r["complete"] for r in rows) else None,
         "draw_weighted_table_spearman": draw_weighted(rows, drawn),
-        # float32 labels from a CPU without native bfloat16 rank cells worse (docs/labels.md)
         "bfloat16_tasks_only": {
-            "complete_tasks": len(bf16 := [r for r in rows if r["complete"] and r["precisions"] == ["bfloat16"]]),
+            "complete_tasks": len(bf16),
             "median_table_spearman_complete": round(statistics.median(r["table_spearman"] for r in bf16), 3) if bf16 else None,
             "draw_weighted_table_spearman": draw_weighted(bf16, drawn),
         },

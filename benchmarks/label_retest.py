@@ -74,8 +74,9 @@ def runs_by_rate(records: list[Record], settings: BuildSettings, retest: list[di
     return runs
 
 
-def summarise(tasks: dict, runs: dict, published: np.ndarray | None = None) -> list[dict]:
-    """Per task, learning rate and pair of seeds, the cells both runs labelled."""
+def summarise(tasks: dict, runs: dict, published: np.ndarray | None = None) -> list[tuple[dict, tuple | None]]:
+    """Per task, learning rate and pair of seeds, the cells both runs labelled: ``compare``'s row
+    and (second run minus first, table) on those cells."""
     rows = []
     for lr, by_seed in sorted(runs.items()):
         seeds = sorted(by_seed)
@@ -141,7 +142,7 @@ def difference_follows_table(samples: list[tuple[np.ndarray, np.ndarray]], draws
 
 
 def compare(task, lr: float, runs: list[tuple[int, str]], pairs: list[tuple[dict, dict]],
-            published: np.ndarray | None = None) -> dict:
+            published: np.ndarray | None = None) -> tuple[dict, tuple[np.ndarray, np.ndarray] | None]:
     a = np.array([p["accuracy"] for p, _ in pairs])
     b = np.array([q["accuracy"] for _, q in pairs])
     n_val = sum(len(f) for f in task.val)
@@ -150,12 +151,13 @@ def compare(task, lr: float, runs: list[tuple[int, str]], pairs: list[tuple[dict
     diff_sd = float(np.std(a - b, ddof=1))
     chance = 100.0 / len(task.classes)
     epochs = min(len(x["curve"]) for pair in pairs for x in pair)
-    versus_table = {}
+    versus_table, along_table = {}, None
     if published is not None:
         table = published[[Cell.parse(x["cell"]).code for x, _ in pairs]]
         versus_table = {**table_change_by_noise(a, b, table),
                         "difference_table_spearman": round(spearman(b - a, table), 3)}
-    return {
+        along_table = b - a, table
+    row = {
         "task": task.id, "source": task.source, "classes": len(task.classes), "lr": lr,
         "seeds": [s for s, _ in runs], "precisions": [p for _, p in runs],
         "train_images": sum(len(f) for f in task.train), "val_images": n_val,
@@ -178,6 +180,7 @@ def compare(task, lr: float, runs: list[tuple[int, str]], pairs: list[tuple[dict
             for e in range(epochs)
         ],
     }
+    return row, along_table
 
 
 def imported(run: Path, db: Database, records: list[Record], seed: int) -> list[dict]:
@@ -201,17 +204,11 @@ def imported(run: Path, db: Database, records: list[Record], seed: int) -> list[
 def report(db: Database, settings: BuildSettings, tasks: dict, records: list[Record], retest: list[dict],
            published: np.ndarray | None = None) -> dict:
     runs = runs_by_rate(records, settings, retest)
-    rows = summarise(tasks, runs, published)
-    by_lr = defaultdict(list)
-    for r in rows:
+    compared = summarise(tasks, runs, published)
+    by_lr, along_table = defaultdict(list), defaultdict(list)
+    for r, sample in compared:
         by_lr[r["lr"]].append(r)
-
-    def differences(r: dict) -> tuple[np.ndarray, np.ndarray]:  # (b - a, table) on the row's cells
-        one, two = (runs[r["lr"]][s, p] for s, p in zip(r["seeds"], r["precisions"]))
-        keys = [k for k in one if k[0] == r["task"] and k in two]
-        diff = np.array([two[k]["accuracy"] - one[k]["accuracy"] for k in keys])
-        return diff, published[[Cell.parse(k[1]).code for k in keys]]
-
+        along_table[r["lr"]].append(sample)
     return {
         "database": str(db.path.relative_to(REPO) if db.path.is_relative_to(REPO) else db.path),
         "schedule": settings.schedule.to_dict(),
@@ -219,11 +216,11 @@ def report(db: Database, settings: BuildSettings, tasks: dict, records: list[Rec
                             "median_retest_spearman": statistics.median(r["retest_spearman"] for r in rs),
                             "median_retest_reliability": statistics.median(r["retest_reliability"] for r in rs),
                             **({"median_table_spearman_change": statistics.median(r["table_spearman_change"] for r in rs),
-                                "difference_follows_table": difference_follows_table([differences(r) for r in rs])}
+                                "difference_follows_table": difference_follows_table(along_table[lr])}
                                if published is not None else {}),
                             "mean_accuracy": round(statistics.mean(r["mean_accuracy"] for r in rs), 2)}
                   for lr, rs in sorted(by_lr.items())},
-        "tasks": rows, "rates": rates_compared(runs), "labels": retest,
+        "tasks": [r for r, _ in compared], "rates": rates_compared(runs), "labels": retest,
     }
 
 
