@@ -79,8 +79,11 @@ def edge_ops(cell: str) -> np.ndarray:
 
 
 def precision(device: str) -> str:
-    """The arithmetic a record's device trained in (`device_name` says "cpu" only for float32)."""
-    return "float32" if device == "cpu" else "bfloat16"
+    """The arithmetic a record's device trained in (`device_name` says "cpu" only for float32,
+    and ends in "emulated" where a CPU without bfloat16 emulated it)."""
+    if device == "cpu":
+        return "float32"
+    return "bfloat16 emulated" if device.endswith(" emulated") else "bfloat16"
 
 
 def sign_test_below(below: int, n: int) -> float:

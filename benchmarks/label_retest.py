@@ -233,6 +233,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1, help="build seed of the retest run (the database's, in its manifest, only on a machine of the other precision)")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate of the retest run (the database's by default)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--share", default="0/1", metavar="I/N",
+                    help="label every N-th cell of a task from the I-th (a process a core, each with its own --out)")
     ap.add_argument("--out", type=Path, default=REPO / "docs/label_retest.json")
     ap.add_argument("--report-only", action="store_true", help="summarise what --out holds, label nothing")
     ap.add_argument("--print-only", action="store_true", help="print the summary, write nothing")
@@ -258,6 +260,7 @@ def main() -> None:
     if missing:
         raise SystemExit(f"no such task in {args.db}: {', '.join(missing)}")
     dev, name = torch.device(args.device), device_name(args.device)
+    share, shares = (int(x) for x in args.share.split("/"))
     labelling = not (args.report_only or args.print_only or args.import_labels)
     if labelling and not args.tasks:
         raise SystemExit("name the --tasks to label")
@@ -290,7 +293,7 @@ def main() -> None:
     if labelling:
         for tid in args.tasks:
             task = tasks[tid]
-            todo = [c for c in labelled[tid] if (tid, c) not in done]
+            todo = [c for c in labelled[tid][share::shares] if (tid, c) not in done]
             if not todo:
                 continue
             root = args.sources / task.source

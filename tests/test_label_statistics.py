@@ -22,6 +22,7 @@ def test_sign_test_counts_the_binomial_tail():
 def test_precision_follows_the_device_name():
     assert precision("cpu") == "float32"
     assert precision("cpu bfloat16") == "bfloat16"
+    assert precision("cpu bfloat16 emulated") == "bfloat16 emulated"
     assert precision("NVIDIA H200") == "bfloat16"
 
 
