@@ -1,24 +1,19 @@
-"""Label speed and rounding on a CPU in each arithmetic, in one run on one machine.
+"""Label speed on a CPU in bfloat16 against float32, in one run on one machine.
 
-`training.recipe.arithmetic` trains under bfloat16 autocast on every CPU: natively where the
-CPU computes bfloat16 (AVX512-BF16 or AMX), elsewhere emulated (`FloatProducts`: products in
-float32 on bfloat16 operands, rounded once). This times `label_cells` on one database task in
-float32, emulated bfloat16 and, with ``--aten-fallback``, ATen's own bfloat16 (on a CPU
-without it, its slow fallback; where native, the native kernels), interleaved round by
-round so that other load on the machine falls on all alike, with one torch thread (as a
-builder runs); it reports the median seconds per cell and epoch and each arithmetic's ratio
-to float32. It also measures how far a grouped convolution's output and gradients land from
-a float64 reference in each arithmetic (``rounding``): one rounding to bfloat16 is the least
-any bfloat16 arithmetic can err.
+`training.recipe.autocast` runs the forward pass in bfloat16 on a CPU that computes it
+natively (AVX512-BF16 or AMX); on any other CPU this forces it, so the figure is what
+oneDNN's emulation costs there (`native_bfloat16` says which). This times `label_cells` on
+one database task both ways, interleaved round by round so that other load on the machine
+falls on both alike, with one torch thread (as a builder runs), and reports the median
+seconds per cell and epoch.
 
-    PYTHONPATH=src python benchmarks/bench_cpu_bf16.py --db databases/nb201_30ep --task t00084 \
-        --out docs/bench_cpu_bf16_emulation.json
+    PYTHONPATH=src python benchmarks/bench_cpu_bf16.py --db databases/nb201 --task t00002 \
+        --out docs/bench_cpu_bf16.json
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import statistics
@@ -27,7 +22,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from heldout_fit import LARGEST, RESNET
 from metad2a_cli.meta.db import Database, load_task_images, task_seed
@@ -45,45 +39,19 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def rounding_errors(arithmetics: list[str]) -> dict:
-    """Mean relative error against float64 of a grouped 3x3 convolution (a label ensemble's
-    shape: 10 networks of 16 channels, batch 23, 16 px) and of its two gradients."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(23, 160, 16, 16, generator=g).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(160, 16, 3, 3, generator=g) / 12
-    grad = torch.randn(23, 160, 16, 16, generator=g).contiguous(memory_format=torch.channels_last)
-
-    def run(dtype, products=None):
-        xe, we = (t.detach().to(dtype).requires_grad_() for t in (x, w))
-        with products or contextlib.nullcontext():
-            y = F.conv2d(xe, we, padding=1, groups=10)
-            y.backward(grad.to(dtype))
-        return [t.double() for t in (y, xe.grad, we.grad)]
-
-    reference = run(torch.float64)
-    got = {"float32": run(torch.float32), "bfloat16 emulated": run(torch.bfloat16, recipe.FloatProducts()),
-           "bfloat16": run(torch.bfloat16)}
-    return {kind: {name: float(f"{((a - r).abs().mean() / r.abs().mean()).item():.3g}")
-                   for name, a, r in zip(("output", "input_grad", "weight_grad"), got[kind], reference)}
-            for kind in arithmetics}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--db", type=Path, default=Path("databases/nb201_30ep"))
-    ap.add_argument("--task", default="t00084")
+    ap.add_argument("--db", type=Path, default=Path("databases/nb201"))
+    ap.add_argument("--task", default="t00002")
     ap.add_argument("--images", type=Path, default=SHARED_IMAGES, help="folder holding the task's source")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--aten-fallback", action="store_true",
-                    help="time ATen's own bfloat16 too (where not native, about 7x slower than float32)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
     torch.set_num_threads(1)
     cpu = torch.device("cpu")
     native = recipe.computes_bfloat16(cpu)
-    arithmetics = ["float32", "bfloat16 emulated"] + (["bfloat16"] if args.aten_fallback else [])
     db = Database(args.db)
     task = {t.id: t for t in db.tasks()}[args.task]
     schedule = replace(db.schedule, epochs=args.epochs)
@@ -91,39 +59,34 @@ def main() -> int:
     train = load_task_images(root, task.train, schedule.input_size)
     val = load_task_images(root, task.val, schedule.input_size)
     cells = {"resnet": RESNET, "largest": LARGEST, "task cell 0": task.cells[0]}
-    as_built = recipe.arithmetic
-    seconds: dict = {(name, a): [] for name in cells for a in arithmetics}
+    as_built = recipe.computes_bfloat16
+    seconds: dict = {(name, p): [] for name in cells for p in ("float32", "bfloat16")}
     curves: dict = {}
-    try:
-        for r in range(args.rounds):
-            for name, cell in cells.items():
-                for kind in arithmetics[r % len(arithmetics):] + arithmetics[:r % len(arithmetics)]:
-                    recipe.arithmetic = lambda device, k=kind: k
-                    t0 = time.perf_counter()
-                    label = label_cells([Cell.parse(cell)], train, val, schedule, task_seed(0, task.id), cpu)[0]
-                    seconds[name, kind].append((time.perf_counter() - t0) / args.epochs)
-                    curves.setdefault(f"{name}/{kind}", label.curve)
-                    print(f"round {r} {name} {kind}: {seconds[name, kind][-1]:.1f} s an epoch", flush=True)
-    finally:
-        recipe.arithmetic = as_built
+    for r in range(args.rounds):
+        for name, cell in cells.items():
+            for precision in ("float32", "bfloat16") if r % 2 == 0 else ("bfloat16", "float32"):
+                recipe.computes_bfloat16 = (lambda device, p=precision: p == "bfloat16")
+                t0 = time.perf_counter()
+                label = label_cells([Cell.parse(cell)], train, val, schedule, task_seed(0, task.id), cpu)[0]
+                seconds[name, precision].append((time.perf_counter() - t0) / args.epochs)
+                curves.setdefault(f"{name}/{precision}", label.curve)
+                print(f"round {r} {name} {precision}: {seconds[name, precision][-1]:.1f} s an epoch", flush=True)
+    recipe.computes_bfloat16 = as_built
     rows = []
     for name, cell in cells.items():
-        med = {kind: statistics.median(seconds[name, kind]) for kind in arithmetics}
-        rows.append({"cell": name, "arch": cell, "s_per_epoch": {k: round(v, 2) for k, v in med.items()},
-                     "time_vs_float32": {k: round(v / med["float32"], 2) for k, v in med.items() if k != "float32"}})
+        f32, b16 = statistics.median(seconds[name, "float32"]), statistics.median(seconds[name, "bfloat16"])
+        rows.append({"cell": name, "arch": cell, "float32_s_per_epoch": round(f32, 2),
+                     "bfloat16_s_per_epoch": round(b16, 2), "speedup": round(f32 / b16, 2)})
         print(json.dumps(rows[-1]))
     out = {"machine": f"{cpu_name()}, {torch.get_num_threads()} torch thread", "torch": torch.__version__,
            "native_bfloat16": native,
            "task": f"{task.id} ({task.source}): {len(train)} train / {len(val)} validation images",
            "schedule": schedule.to_dict(), "rounds": args.rounds,
-           "median_time_vs_float32": {k: statistics.median(r["time_vs_float32"][k] for r in rows)
-                                      for k in arithmetics if k != "float32"},
-           "rounding": rounding_errors(["float32", "bfloat16 emulated", "bfloat16"]),
-           "cells": rows, "first_round_curves": curves,
-           "seconds": {f"{k[0]}/{k[1]}": [round(s, 2) for s in v] for k, v in seconds.items()}}
+           "median_speedup": round(statistics.median(r["speedup"] for r in rows), 2), "cells": rows,
+           "first_round_curves": curves, "seconds": {f"{k[0]}/{k[1]}": [round(s, 2) for s in v] for k, v in seconds.items()}}
     if args.out:
         args.out.write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps({k: out[k] for k in ("median_time_vs_float32", "rounding")}, indent=1))
+    print(f"median speedup {out['median_speedup']}x")
     return 0
 
 

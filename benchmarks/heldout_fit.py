@@ -11,9 +11,8 @@ count and seed, on a fixed subsample:
 
 Every fit's result is kept in a JSON file keyed by (set, cell, recipe), so the panel is
 trained once and new weights only need their own picks trained. The panel trained in
-float32; fit now trains in bfloat16 on every CPU and GPU (emulated on a CPU without it), so
-such fits' recipe key says `/bf16` and they are ranked only among each other; `--float32`
-fits as the panel did. The report gives each
+float32; on a device that trains in bfloat16 (a GPU, a CPU with AVX512-BF16 or AMX) the
+recipe key says `/bf16`, and such fits are ranked only among each other. The report gives each
 pick's best validation accuracy, its rank among all trained cells of the set and its
 regret against the best of them.
 
@@ -57,11 +56,10 @@ LR = 0.1  # fit's default peak learning rate
 PANEL_SEED = 2026
 
 
-# The CLI with bfloat16 switched off: the panel trained in float32, and fit now trains in
-# bfloat16 on every CPU, so a new pick would otherwise fit in another precision than the
-# panel it is ranked in.
+# The CLI with bfloat16 switched off: the panel trained in float32, and a CPU that computes
+# bfloat16 would otherwise fit a new pick in another precision than the panel it is ranked in.
 FLOAT32_CLI = (
-    "import metad2a_cli.training.recipe as recipe; recipe.arithmetic = lambda device: 'float32'; "
+    "import metad2a_cli.training.recipe as recipe; recipe.computes_bfloat16 = lambda device: False; "
     "from metad2a_cli.cli import main; main()"
 )
 
@@ -115,9 +113,9 @@ def trains_in_bf16(device: str, float32: bool = False) -> bool:
         return False
     import torch
 
-    from metad2a_cli.training.recipe import arithmetic
+    from metad2a_cli.training.recipe import computes_bfloat16
 
-    return arithmetic(torch.device(device)) != "float32"
+    return computes_bfloat16(torch.device(device))
 
 
 def load_results(path: Path) -> list[dict]:
@@ -217,7 +215,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=LR, help="peak learning rate of every fit")
     ap.add_argument("--augment", default=AUGMENT, choices=AUGMENT_POLICIES, help="augmentation of every fit (fit's own default is none)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--float32", action="store_true", help="fit in float32 (fit trains in bfloat16 on every CPU and GPU), to rank among the float32 panel")
+    ap.add_argument("--float32", action="store_true", help="fit in float32 where the device computes bfloat16 (to rank among the float32 panel)")
     ap.add_argument("--results", type=Path, default=REPO / "docs" / "heldout_fits.json")
     ap.add_argument("--report", type=Path, default=None)
     ap.add_argument("--card", type=Path, default=None, help="a checkpoint folder whose model card gets the results")

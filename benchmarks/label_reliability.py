@@ -79,8 +79,9 @@ def edge_ops(cell: str) -> np.ndarray:
 
 
 def precision(device: str) -> str:
-    """The arithmetic a record's device trained in (`device_name` says "cpu" only for float32,
-    and ends in "emulated" where a CPU without bfloat16 emulated it)."""
+    """The arithmetic a record's device trained in (`device_name` says "cpu" only for float32;
+    "cpu bfloat16 emulated" names the labels of `docs/label_emulation_30ep.json`, made while
+    fit emulated bfloat16 on CPUs without it, 9438f6b)."""
     if device == "cpu":
         return "float32"
     return "bfloat16 emulated" if device.endswith(" emulated") else "bfloat16"

@@ -3,7 +3,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from test_fit import make_folder
 
 from metad2a_cli.data.images import read_image_folder
@@ -13,10 +12,10 @@ from metad2a_cli.training import recipe
 from metad2a_cli.training import trainer as trainer_mod
 from metad2a_cli.training.ensemble import CellEnsemble
 from metad2a_cli.training.fit import start_fit
-from metad2a_cli.training.fitdata import LabeledImages, split_and_decode
+from metad2a_cli.training.fitdata import split_and_decode
 from metad2a_cli.training.labels import label_cells
 from metad2a_cli.training.schedule import LabelSchedule
-from metad2a_cli.training.trainer import FitSettings, FitState, Reporter, Trainer, new_network
+from metad2a_cli.training.trainer import FitSettings, new_network
 
 RESNET = Cell.parse("|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|")
 CELLS = [
@@ -110,7 +109,7 @@ def test_cells_trained_apart_in_turns_get_the_labels_they_get_alone(task, monkey
     assert apart == alone  # taking turns step by step changes no network's run
     # Grouped and separate convolutions round differently in bfloat16, and three epochs of
     # training amplify that like another seed would: the two are the same fit in float32.
-    monkeypatch.setattr(recipe, "arithmetic", lambda device: "float32")
+    monkeypatch.setattr(recipe, "computes_bfloat16", lambda device: False)
     apart = label_cells(CELLS, train, val, SCHEDULE, seed=1, device=cpu, ensemble=False)
     together = label_cells(CELLS, train, val, SCHEDULE, seed=1, device=cpu)
     for a, t in zip(apart, together):
@@ -118,63 +117,15 @@ def test_cells_trained_apart_in_turns_get_the_labels_they_get_alone(task, monkey
     assert len({label.accuracy for label in apart}) > 1  # the cells did not all collapse to one label
 
 
-def test_bfloat16_on_every_device_emulated_where_not_native(monkeypatch):
+def test_bfloat16_where_the_device_computes_it(monkeypatch):
     assert recipe.computes_bfloat16(torch.device("cuda")) and not recipe.computes_bfloat16(torch.device("meta"))
-    assert recipe.arithmetic(torch.device("meta")) == "float32"
-    for avx512_bf16, amx, kind in [(True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "bfloat16 emulated")]:
+    for avx512_bf16, amx, native in [(True, False, True), (False, True, True), (False, False, False)]:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
-        assert recipe.arithmetic(torch.device("cpu")) == kind
+        assert recipe.computes_bfloat16(torch.device("cpu")) is native
         net = torch.nn.Linear(4, 2)
         with recipe.autocast(torch.device("cpu")):
             out = net(torch.rand(3, 4))
-        assert out.dtype == torch.bfloat16
-        products = recipe.products_in_float32(torch.device("cpu"))
-        assert isinstance(products, recipe.FloatProducts) == (kind == "bfloat16 emulated")
-    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probe: emulated
-    assert recipe.arithmetic(torch.device("cpu")) == "bfloat16 emulated"
-
-
-def test_float_products_round_once_what_float32_sums():
-    # A CPU with bfloat16 multiplies bfloat16 operands exactly and sums in float32; one
-    # rounding of the float32 result to bfloat16 is all the error there is.
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(16, 8, 6, 6, generator=g).bfloat16()
-    w = torch.randn(8, 4, 3, 3, generator=g).bfloat16()
-    grad = torch.randn(16, 8, 6, 6, generator=g).bfloat16()
-    xe, we = x.clone().requires_grad_(), w.clone().requires_grad_()
-    with recipe.FloatProducts():
-        y = F.conv2d(xe, we, padding=1, groups=2)
-        y.backward(grad)
-    xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
-    yf = F.conv2d(xf, wf, padding=1, groups=2)
-    yf.backward(grad.float())
-    assert y.dtype == xe.grad.dtype == we.grad.dtype == torch.bfloat16
-    assert torch.equal(y, yf.bfloat16())
-    assert torch.equal(xe.grad, xf.grad.bfloat16()) and torch.equal(we.grad, wf.grad.bfloat16())
-    a, b = torch.randn(5, 7, generator=g).bfloat16(), torch.randn(7, 3, generator=g).bfloat16()
-    with recipe.FloatProducts():
-        assert torch.equal(a @ b, (a.float() @ b.float()).bfloat16())
-        assert torch.equal(a.float() @ b.float(), a.float() @ b.float())  # float32 operands: untouched
-
-
-def test_an_emulated_step_takes_its_backward_through_float_products(monkeypatch):
-    seen = []
-    dispatch = recipe.FloatProducts.__torch_dispatch__
-
-    def spy(self, func, types, args=(), kwargs=None):
-        seen.append(func)
-        return dispatch(self, func, types, args, kwargs)
-
-    monkeypatch.setattr(recipe.FloatProducts, "__torch_dispatch__", spy)
-    monkeypatch.setattr(recipe, "computes_bfloat16", lambda device: False)
-    images = LabeledImages(np.random.default_rng(0).integers(0, 256, (8, 3, 16, 16), dtype=np.uint8), np.arange(8) % 2)
-    settings = FitSettings(cell=str(CELLS[0]), channels=4, cells_per_stage=1, input_size=16, epochs=1)
-    trainer = Trainer(settings, networks(CELLS[:1])[0], ["a", "b"], images, images, FitState(batch_size=4),
-                      torch.device("cpu"), Reporter())
-    before = [p.detach().clone() for p in trainer.model.parameters()]
-    trainer.optimizer.lr.fill_(0.1)
-    trainer.train_step(*trainer._batch(torch.arange(4)))
-    assert torch.ops.aten.convolution_backward.default in seen
-    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # the weights stay float32
-    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+        assert out.dtype == (torch.bfloat16 if native else torch.float32)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probe: float32
+    assert not recipe.computes_bfloat16(torch.device("cpu"))

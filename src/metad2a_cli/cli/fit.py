@@ -223,7 +223,7 @@ class ProgressReporter:
         self.done_before = info["epoch"] * n + info["seen"]
         err_console.print(
             f"training {info['cell']} ({info['parameters'] / 1e6:.2f} M parameters) on {n:,} images "
-            f"of {info['classes']} classes, validating on {info['num_val']:,} · batch {info['batch_size']} · {info['device']}, {info['arithmetic']}",
+            f"of {info['classes']} classes, validating on {info['num_val']:,} · batch {info['batch_size']} · {info['device']}",
             highlight=False,
         )
         self.train_task = self.bar.add_task(

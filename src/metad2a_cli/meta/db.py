@@ -109,7 +109,7 @@ class Record:
     seconds: float  # training time per cell (cells of a chunk train together)
     best_epoch: int | None = None
     curve: list[float] | None = None  # validation accuracy after each epoch
-    device: str | None = None  # device_name(): the GPU's name, "cpu bfloat16", "cpu bfloat16 emulated" or "cpu"
+    device: str | None = None  # device_name(): "cpu", "cpu bfloat16" or the GPU's name
 
 
 # -- sources ---------------------------------------------------------------------------------
@@ -407,18 +407,16 @@ def load_task_images(root: Path, files: list[list[str]], size: int):
 
 
 def device_name(device: str) -> str:
-    """What a record says made it: the GPU's name, "cpu bfloat16" (a CPU that computes
-    bfloat16), "cpu bfloat16 emulated" (any other CPU: ``recipe.arithmetic``) or, from
-    before every CPU trained in bfloat16, "cpu" (float32)."""
+    """What a record says made it: the GPU's name, "cpu" (float32) or "cpu bfloat16" (a CPU
+    that computes bfloat16 natively trains the forward pass in it, as a GPU does)."""
     import torch
 
-    from ..training import recipe
+    from ..training.recipe import computes_bfloat16
 
     dev = torch.device(device)
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    kind = recipe.arithmetic(dev)
-    return dev.type if kind == "float32" else f"{dev.type} {kind}"
+    return f"{dev.type} bfloat16" if computes_bfloat16(dev) else dev.type
 
 
 def task_seed(seed: int, task_id: str) -> int:

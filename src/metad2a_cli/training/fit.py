@@ -38,7 +38,6 @@ from .fitdata import (
     decode_split_side,
     split_and_decode,
 )
-from . import recipe
 from .recipe import CHANNELS_LAST, default_batch_size, to_unit
 from .trainer import (
     FitSettings,
@@ -290,7 +289,6 @@ def start_fit(
                 "split": split.to_dict(),
             },
             "device": str(dev),
-            "arithmetic": recipe.arithmetic(dev),
         }
         trainer = Trainer(settings, _network(settings, classes, mean, std), classes, train, val, state, dev, reporter)
         # Two checkpoints with their temporary copies, the validation images and the plots.
@@ -343,7 +341,7 @@ def resume_fit(
         mean, std = record["dataset"]["mean"], record["dataset"]["std"]
         trainer = Trainer(settings, _network(settings, classes, mean, std), classes, train, val, state, dev, reporter)
         trainer.load_checkpoint(tensors)
-        record["device"], record["arithmetic"] = str(dev), recipe.arithmetic(dev)
+        record["device"] = str(dev)
         return _train(run, trainer, record, list(folder.skipped))
 
 
@@ -373,7 +371,6 @@ def _train(run: RunFolder, trainer: Trainer, record: dict, skipped: list[Skipped
             "seen": state.seen,
             "batch_size": state.batch_size,
             "device": str(trainer.device),
-            "arithmetic": recipe.arithmetic(trainer.device),
             "parameters": count_parameters(trainer.model.net),
         })
     while not state.completed:

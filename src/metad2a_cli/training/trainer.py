@@ -30,7 +30,6 @@ from .recipe import (
     autocast,
     cosine_lr,
     members_loss,
-    products_in_float32,
     to_unit,
 )
 from .policies import DEFAULT_AUGMENT, DEFAULT_LR, LEGACY_AUGMENT, check_policy
@@ -239,12 +238,11 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One SGD step at the optimiser's current rate; returns (summed loss, correct count)
         as device tensors, summed over the networks (no host sync)."""
-        with products_in_float32(self.device):  # the backward pass too
-            with autocast(self.device):
-                logits = self.model(images)
-            loss = members_loss(logits, labels)
-            self.optimizer.zero_grad()
-            loss.backward()
+        with autocast(self.device):
+            logits = self.model(images)
+        loss = members_loss(logits, labels)
+        self.optimizer.zero_grad()
+        loss.backward()
         self.optimizer.step()
         correct = (logits.reshape(-1, *logits.shape[-2:]).argmax(-1) == labels).sum()
         return loss.detach() * len(labels), correct
