@@ -45,9 +45,9 @@ from pathlib import Path
 import numpy as np
 
 from gpu_import import check_schedule
+from label_budget import locked_update, read_labels
 from label_reliability import precision, published_accuracy, sampling_noise
 
-from metad2a_cli.atomic import atomic_paths
 from metad2a_cli.meta.db import BuildSettings, Database, Record, device_name, load_task_images, task_seed
 from metad2a_cli.meta.table import TABLE_FILE, load_table
 from metad2a_cli.meta.train import average_ranks, spearman
@@ -56,10 +56,6 @@ from metad2a_cli.training.labels import label_cells
 from metad2a_cli.training.policies import DEFAULT_LR
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load(path: Path) -> list[dict]:
-    return json.loads(path.read_text())["labels"] if path.exists() else []
 
 
 def runs_by_rate(records: list[Record], settings: BuildSettings, retest: list[dict]) -> dict:
@@ -234,7 +230,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate of the retest run (the database's by default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--share", default="0/1", metavar="I/N",
-                    help="label every N-th cell of a task from the I-th (a process a core, each with its own --out)")
+                    help="label every N-th cell of a task from the I-th (a process a core; shares write one --out)")
     ap.add_argument("--out", type=Path, default=REPO / "docs/label_retest.json")
     ap.add_argument("--report-only", action="store_true", help="summarise what --out holds, label nothing")
     ap.add_argument("--print-only", action="store_true", help="print the summary, write nothing")
@@ -270,7 +266,7 @@ def main() -> None:
             raise SystemExit(f"--seed {args.seed} is the database's own and {', '.join(same)} already has "
                              f"{precision(name)} records; a retest needs another seed or the other precision")
 
-    retest = load(args.out)
+    retest = read_labels(args.out)
     done = {(r["task"], r["cell"]) for r in retest
             if r["seed"] == args.seed and r.get("lr", DEFAULT_LR) == args.lr and precision(r["device"]) == precision(name)}
 
@@ -279,16 +275,15 @@ def main() -> None:
             return r.get("lr", DEFAULT_LR), r["seed"], precision(r["device"]), r["task"], r["cell"]
 
         held = {key(x) for x in retest}
-        new = [r for r in imported(args.import_labels, db, records, settings.seed) if key(r) not in held]
-        retest += new
-        print(f"{len(new)} labels imported from {args.import_labels}")
+        imports = [r for r in imported(args.import_labels, db, records, settings.seed) if key(r) not in held]
+        print(f"{len(imports)} labels imported from {args.import_labels}")
+    else:
+        imports = []
 
-    def save() -> dict:
-        result = report(db, settings, tasks, records, retest, published)
+    def save(new: list[dict]) -> dict:
+        """Other shares write the same --out: what it holds now, plus ``new``, under its lock."""
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_paths(args.out) as [tmp]:
-            tmp.write_text(json.dumps(result, indent=1) + "\n")
-        return result
+        return locked_update(args.out, None, lambda labels: report(db, settings, tasks, records, labels + new, published))
 
     if labelling:
         for tid in args.tasks:
@@ -303,14 +298,17 @@ def main() -> None:
                 t0 = time.perf_counter()
                 [label] = label_cells([Cell.parse(cell)], train, val, schedule,
                                       task_seed(args.seed, tid), dev)
-                retest.append({
+                entry = {
                     "task": tid, "cell": cell, "seed": args.seed, "lr": args.lr, "accuracy": round(label.accuracy, 4),
                     "curve": [round(a, 4) for a in label.curve], "seconds": round(time.perf_counter() - t0, 1),
                     "device": name,
-                })
-                save()
-                print(f"{tid} lr {args.lr} seed {args.seed} {cell} {label.accuracy:.2f} ({retest[-1]['seconds']} s)", flush=True)
-    result = report(db, settings, tasks, records, retest, published) if args.print_only else save()
+                }
+                save([entry])
+                print(f"{tid} lr {args.lr} seed {args.seed} {cell} {label.accuracy:.2f} ({entry['seconds']} s)", flush=True)
+    if args.print_only:
+        result = report(db, settings, tasks, records, read_labels(args.out) + imports, published)
+    else:
+        result = save(imports)
     for row in result["tasks"]:
         print({k: v for k, v in row.items() if k != "retest_spearman_by_epoch"})
     for row in result["rates"]:

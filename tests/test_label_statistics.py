@@ -77,3 +77,14 @@ def test_a_difference_along_the_table_stands_out_of_its_shuffles():
     unrelated = difference_follows_table([(rng.normal(0, 3, 10), t) for t in tables])
     assert abs(unrelated["mean_spearman"]) < abs(along["mean_spearman"])
     assert unrelated["shuffle_share_at_least"] > along["shuffle_share_at_least"]
+
+
+def test_shares_writing_one_file_keep_each_others_labels(tmp_path):
+    from label_budget import locked_update, read_labels
+
+    out = tmp_path / "retest.json"
+    summarise = lambda labels: {"count": len(labels), "labels": labels}  # noqa: E731
+    locked_update(out, {"cell": "a"}, summarise)  # one share's label
+    locked_update(out, {"cell": "b"}, summarise)  # another's, written after it
+    assert [r["cell"] for r in read_labels(out)] == ["a", "b"]
+    assert locked_update(out, None, summarise)["count"] == 2  # a report adds nothing
