@@ -1,10 +1,12 @@
+import copy
+
 import pytest
 import torch
 
 from metad2a_cli.errors import UserError
-from metad2a_cli.nb201.cells import Cell, all_cells
+from metad2a_cli.nb201.cells import EDGES, Cell, all_cells
 from metad2a_cli.nb201.cost import cell_cost
-from metad2a_cli.nb201.network import Network, NetworkConfig, count_parameters
+from metad2a_cli.nb201.network import CellBlock, Network, NetworkConfig, count_parameters
 
 SMALLEST = Cell((0,) * 6)  # every edge 'none'
 LARGEST = Cell((3,) * 6)  # every edge 'nor_conv_3x3'
@@ -88,3 +90,42 @@ def test_config_validation():
     ):
         with pytest.raises(UserError):
             bad.validate()
+
+
+def _every_edge_forward(block, x):
+    """NAS-Bench-201's own sum: every edge, a 'none' edge as x * 0."""
+    nodes = [x]
+    for target in (1, 2, 3):
+        nodes.append(sum(op(nodes[src]) for op, (dst, src) in zip(block.edges, EDGES) if dst == target))
+    return nodes[3]
+
+
+@pytest.mark.parametrize("ops", [
+    (0,) * 6,  # nothing reaches the output
+    (3, 0, 0, 0, 0, 3),  # node 2 has no inputs, but its conv feeds the output a batch norm's shift
+    (3, 3, 3, 3, 3, 0),  # node 2 feeds nothing: its two convs are dead
+    (3, 3, 0, 0, 0, 1),  # only the path 0 -> 2 -> 3 is live
+    (1, 2, 4, 0, 3, 2),
+])
+def test_skipping_none_and_dead_edges_changes_no_output_or_gradient(ops, monkeypatch):
+    cell = Cell(ops)
+    config = NetworkConfig(num_classes=3, channels=4, cells_per_stage=1, input_size=(16, 16))
+    torch.manual_seed(0)
+    fast = Network(cell, config)
+    reference = copy.deepcopy(fast)
+    x = torch.randn(4, 3, 16, 16)
+    y = torch.tensor([0, 1, 2, 0])
+    fast_out = fast(x)
+    torch.nn.functional.cross_entropy(fast_out, y).backward()
+    with monkeypatch.context() as m:
+        m.setattr(CellBlock, "forward", _every_edge_forward)
+        out = reference(x)
+        torch.nn.functional.cross_entropy(out, y).backward()
+    assert torch.equal(fast_out, out)
+    for (name, p), (_, q) in zip(fast.named_parameters(), reference.named_parameters()):
+        if p.grad is None:  # only a parameter that cannot reach the output is skipped
+            assert not q.grad.any(), name
+        else:
+            assert torch.equal(p.grad, q.grad), name
+    if ops == (3, 3, 3, 3, 3, 0):
+        assert fast.blocks[0].edges[1][1].weight.grad is None  # the dead conv did not run

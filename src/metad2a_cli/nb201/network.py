@@ -54,7 +54,8 @@ class ReLUConvBN(nn.Sequential):
 
 
 class Zero(nn.Module):
-    """The 'none' operation: the edge carries nothing."""
+    """The 'none' operation: the edge carries nothing. ``CellBlock`` leaves such edges out
+    of its sums instead of calling this; it keeps the edge's place in the state dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * 0.0
@@ -74,24 +75,35 @@ def make_op(name: str, channels: int) -> nn.Module:
     raise ValueError(name)
 
 
+def live_edges(cell: Cell) -> list[tuple[int, int, int]]:
+    """(edge index, target node, source node) of the edges whose result reaches the cell's
+    output: not 'none', and into a node that feeds the output through other such edges.
+    The rest add zeros, or values nothing reads, so the network skips them; its outputs and
+    gradients are the same numbers."""
+    live = {3}
+    for i in reversed(range(len(EDGES))):  # sorted by target: the edges out of a node come after those into it
+        dst, src = EDGES[i]
+        if dst in live and cell.op_names[i] != "none":
+            live.add(src)
+    return [(i, dst, src) for i, (dst, src) in enumerate(EDGES) if dst in live and cell.op_names[i] != "none"]
+
+
 class CellBlock(nn.Module):
     """One cell: node j is the sum of op(node i) over its incoming edges."""
 
     def __init__(self, cell: Cell, channels: int):
         super().__init__()
         self.edges = nn.ModuleList(make_op(name, channels) for name in cell.op_names)
+        self.live = live_edges(cell)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        nodes = [x]
-        for target in (1, 2, 3):
-            nodes.append(
-                sum(
-                    op(nodes[src])
-                    for op, (dst, src) in zip(self.edges, EDGES)
-                    if dst == target
-                )
-            )
-        return nodes[3]
+        nodes: dict[int, torch.Tensor] = {0: x}
+        for i, dst, src in self.live:  # sorted by target: a node is complete before it is read
+            # A node all of whose inputs are 'none' holds zeros; a convolution on it still
+            # gives its batch norm's shift.
+            term = self.edges[i](nodes[src] if src in nodes else torch.zeros_like(x))
+            nodes[dst] = nodes[dst] + term if dst in nodes else term
+        return nodes[3] if 3 in nodes else torch.zeros_like(x)
 
 
 class ResidualReduction(nn.Module):
