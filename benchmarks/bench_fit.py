@@ -8,7 +8,7 @@ same in-memory images; only how the data reaches the model and how the step runs
              augmentation on the host, float32 NCHW forward and backward: the textbook loop
   fit        metad2a's Trainer: uint8 images resident on the device and augmented there;
              on a GPU bfloat16 autocast and channels-last
-  fit+compile (GPU only) the same with the model wrapped in torch.compile
+  fit+compile the same with the model wrapped in torch.compile (--compile MODE)
 
 Images per second are the median over timed epochs after a warm-up epoch. On a GPU the
 script samples nvidia-smi every 100 ms and reports each variant's median utilisation.
@@ -37,7 +37,7 @@ from metad2a_cli.nb201.network import Network
 from metad2a_cli.training.augment import crop_and_flip
 from metad2a_cli.training.fitdata import LabeledImages
 from metad2a_cli.training.recipe import cosine_lr
-from metad2a_cli.training.trainer import FitSettings, FitState, Reporter, Trainer
+from metad2a_cli.training.trainer import FitSettings, FitState, Reporter, Trainer, new_network
 
 RESNET = "|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|"
 
@@ -129,9 +129,10 @@ def eager_epochs(cell: Cell, data: LabeledImages, classes: int, batch: int, epoc
 def fit_epochs(cell: Cell, data: LabeledImages, classes: int, batch: int, epochs: int, device: torch.device, seed: int, budget_s: float, compile_mode: str | None = None) -> tuple[list[float], float]:
     """metad2a's Trainer; returns (seconds per epoch, seconds spent in the first epoch)."""
     mean, std = [0.5] * 3, [0.25] * 3
-    trainer = Trainer(FitSettings(cell=str(cell), epochs=epochs, seed=seed, augment="crop-flip"), [str(i) for i in range(classes)],
-                      mean, std, data, LabeledImages(data.images[:2], data.labels[:2]), FitState(batch_size=batch),
-                      device, Reporter())
+    settings = FitSettings(cell=str(cell), epochs=epochs, seed=seed, augment="crop-flip")
+    network = new_network(cell, settings.network_config(classes), mean, std, seed)
+    trainer = Trainer(settings, network, [str(i) for i in range(classes)], data,
+                      LabeledImages(data.images[:2], data.labels[:2]), FitState(batch_size=batch), device, Reporter())
     if compile_mode:
         trainer.model = torch.compile(trainer.model, mode=compile_mode)
     times = []
@@ -159,7 +160,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=90.0, help="seconds per variant before it stops early")
     ap.add_argument("--arch", default=RESNET)
     ap.add_argument("--compile", default=None, metavar="MODE",
-                    help="also time torch.compile(mode=MODE) at the first batch size (GPU only), e.g. default or reduce-overhead")
+                    help="also time torch.compile(mode=MODE) at the first batch size, e.g. default or reduce-overhead")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -202,7 +203,7 @@ def main() -> None:
         t0 = time.perf_counter()
         times, _ = fit_epochs(cell, data, args.classes, batch, args.epochs, device, 0, args.budget)
         record("fit", batch, times, t0, time.perf_counter())
-        if args.compile and device.type == "cuda" and batch == args.batch[0]:
+        if args.compile and batch == args.batch[0]:
             t0 = time.perf_counter()
             try:
                 times, first = fit_epochs(cell, data, args.classes, batch, args.epochs, device, 0, args.budget, args.compile)
