@@ -96,6 +96,21 @@ def test_torch_export_loads_without_metad2a(net, tmp_path):
         assert torch.allclose(torch.load(tmp_path / "y.pt"), net(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("ops", [(0,) * 6, (3, 0, 0, 0, 0, 3), (3, 3, 3, 3, 3, 0)])
+@pytest.mark.parametrize("fmt", ["onnx", "torch"])
+def test_cells_with_skipped_edges_export(ops, fmt, tmp_path):
+    # Nothing reaching the output, a node with no inputs, a node that feeds nothing: the
+    # network skips those edges, and each format must still give the network's outputs.
+    net = build_network(Cell(ops), CONFIG, seed=0)
+    path = tmp_path / ("model.onnx" if fmt == "onnx" else "model.pt2")
+    assert export_network(net, fmt, path).max_abs_diff <= 1e-4
+    if fmt == "onnx":
+        x = torch.randn(3, 1, 21, 18)
+        (out,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})
+        with torch.no_grad():
+            assert np.abs(out - net(x).numpy()).max() <= 1e-4
+
+
 def _no_partials(folder):
     return [p.name for p in folder.iterdir() if ".part" in p.name]
 
