@@ -3,10 +3,10 @@
 NAS-Bench-201's cell sums every edge, a 'none' edge as x * 0, and computes nodes whose
 result never reaches the cell's output. `CellBlock` computes only `live_edges`: the same
 outputs and gradients (`tests/test_network.py` holds them equal to the bit), less work.
-This times `fit`'s Trainer on random images with each forward, alternating the two in
-rounds, and reports the median epoch time of each and their ratio per cell; it also says
-how many of NAS-Bench-201's cells have edges to skip and what share of their
-convolutions' multiply-adds goes.
+This times `fit`'s Trainer (`bench_fit.fit_epochs`) on random images with each forward,
+alternating the two in rounds, and reports the median epoch time of each and their ratio
+per cell; it also says how many of NAS-Bench-201's cells have edges to skip and what
+share of their convolutions' multiply-adds goes.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_live_edges.py --out docs/bench_live_edges.json
 """
@@ -17,16 +17,16 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench_fit import fit_epochs
+
 from metad2a_cli.nb201.cells import EDGES, Cell, all_cells
 from metad2a_cli.nb201.network import CellBlock, live_edges
 from metad2a_cli.training.fitdata import LabeledImages
-from metad2a_cli.training.trainer import FitSettings, FitState, Reporter, Trainer, new_network
 
 CELLS = {
     "resnet (11472)": "|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|",
@@ -47,19 +47,10 @@ LIVE_FORWARD = CellBlock.forward
 
 
 def epoch_seconds(cell: Cell, forward, data: LabeledImages, batch: int, epochs: int) -> tuple[list[float], float]:
+    """``fit_epochs`` with ``forward`` as the cell's; returns (seconds per epoch, validation loss)."""
     CellBlock.forward = forward
     try:
-        settings = FitSettings(cell=str(cell), epochs=epochs, seed=0, augment="crop-flip")
-        network = new_network(cell, settings.network_config(10), [0.5] * 3, [0.25] * 3, 0)
-        trainer = Trainer(settings, network, [str(i) for i in range(10)], data,
-                          LabeledImages(data.images[:64], data.labels[:64]), FitState(batch_size=batch),
-                          torch.device("cpu"), Reporter())
-        times = []
-        for epoch in range(epochs):
-            trainer.state.epoch, trainer.state.seen = epoch, 0
-            t0 = time.perf_counter()
-            trainer.run_epoch()
-            times.append(time.perf_counter() - t0)
+        times, trainer = fit_epochs(cell, data, 10, batch, epochs, torch.device("cpu"), 0, float("inf"))
         return times, trainer.evaluate().loss
     finally:
         CellBlock.forward = LIVE_FORWARD
@@ -67,15 +58,15 @@ def epoch_seconds(cell: Cell, forward, data: LabeledImages, batch: int, epochs: 
 
 def skipped_share() -> dict:
     """Over all 15,625 cells: how many skip a convolution, and the cells' conv work skipped."""
-    shares, any_skip = [], 0
-    for cell in all_cells():
+    cells, shares, any_skip = all_cells(), [], 0
+    for cell in cells:
         live = {i for i, _, _ in live_edges(cell)}
         total = sum(CONV_COST.get(name, 0) for name in cell.op_names)
         gone = sum(CONV_COST.get(name, 0) for i, name in enumerate(cell.op_names) if i not in live)
         any_skip += gone > 0
         if total:
             shares.append(gone / total)
-    return {"cells": len(all_cells()), "cells_skipping_a_convolution": any_skip,
+    return {"cells": len(cells), "cells_skipping_a_convolution": any_skip,
             "mean_share_of_cell_conv_work_skipped": float(np.mean(shares)), "over_cells_with_convolutions": len(shares)}
 
 

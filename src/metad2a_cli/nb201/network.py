@@ -80,12 +80,13 @@ def live_edges(cell: Cell) -> list[tuple[int, int, int]]:
     output: not 'none', and into a node that feeds the output through other such edges.
     The rest add zeros, or values nothing reads, so the network skips them; its outputs and
     gradients are the same numbers."""
-    live = {3}
+    live, kept = {3}, []
     for i in reversed(range(len(EDGES))):  # sorted by target: the edges out of a node come after those into it
         dst, src = EDGES[i]
         if dst in live and cell.op_names[i] != "none":
             live.add(src)
-    return [(i, dst, src) for i, (dst, src) in enumerate(EDGES) if dst in live and cell.op_names[i] != "none"]
+            kept.append((i, dst, src))
+    return kept[::-1]
 
 
 class CellBlock(nn.Module):
