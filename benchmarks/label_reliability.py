@@ -18,7 +18,8 @@ what users get (held-out fits), next to the published table.
 - Precision: a record trained under bfloat16 autocast (a GPU, or a CPU that computes it
   natively) or in float32 (any other CPU); its device says which. Each task labelled wholly
   in float32 is set against the median of its source's tasks labelled wholly in bfloat16,
-  with a one-sided sign test of "float32 tasks sit lower" (chance alone puts half below).
+  with a one-sided sign test of "float32 tasks sit lower" (chance alone puts half below),
+  and again after what each task's source and table spread predict (`spread_adjusted`).
 - The draw's median: builds reach tasks in draw order but not evenly over sources, so the
   plain median over complete tasks leans to whichever sources were built first. Weighting
   each complete task by its source's share of the whole draw (divided among the source's
@@ -118,7 +119,41 @@ def float32_vs_source(rows: list[dict]) -> dict:
             "label_sd_below_source_median": narrower,
             "label_sd_sign_test_p_one_sided": round(sign_test_below(narrower, len(compared)), 3),
             "median_difference": round(statistics.median(c["difference"] for c in compared), 3) if compared else None,
-            "mixed_tasks": sum(len(r["precisions"]) > 1 for r in complete), "tasks": compared}
+            "mixed_tasks": sum(len(r["precisions"]) > 1 for r in complete),
+            "spread_adjusted": spread_adjusted(complete), "tasks": compared}
+
+
+def spread_adjusted(complete: list[dict], rounds: int = 20000) -> dict:
+    """The float32 tasks' agreement beyond what their source and their cells' table spread
+    predict. A task whose ten cells lie close together in the table ranks them worse for the
+    same label noise, and which cells a task gets is chance; so the bfloat16 tasks fit
+    Spearman ~ source + slope * table_sd, and the float32 tasks' mean residual is set among
+    the means of as many residuals drawn from all tasks (one-sided: how often that low)."""
+    bf16 = [r for r in complete if r["precisions"] == ["bfloat16"]]
+    sources = sorted({r["source"] for r in bf16})
+    f32 = [r for r in complete if r["precisions"] == ["float32"] and r["source"] in sources]
+    if len(f32) == 0 or len(bf16) <= len(sources) + 1:
+        return {"float32_tasks": len(f32)}
+
+    def design(rs):  # (tasks, sources + 1): source intercepts, then the table spread
+        return np.array([[r["source"] == s for s in sources] + [r["table_sd"]] for r in rs], float)
+
+    def spearmans(rs):
+        return np.array([r["table_spearman"] for r in rs])
+
+    coef = np.linalg.lstsq(design(bf16), spearmans(bf16), rcond=None)[0]
+    resid_f32 = spearmans(f32) - design(f32) @ coef
+    pooled = np.concatenate([spearmans(bf16) - design(bf16) @ coef, resid_f32])
+    rng = np.random.default_rng(0)
+    means = np.array([rng.choice(pooled, len(f32), replace=False).mean() for _ in range(rounds)])
+    observed = float(resid_f32.mean())
+    return {"float32_tasks": len(f32), "slope_per_table_sd_point": round(float(coef[-1]), 3),
+            "below_prediction": int((resid_f32 < 0).sum()),
+            "sign_test_p_one_sided": round(sign_test_below(int((resid_f32 < 0).sum()), len(f32)), 3),
+            "mean_residual": round(observed, 3),
+            "median_residual": round(float(np.median(resid_f32)), 3),
+            "draw_share_at_most": round(float(np.mean(means <= observed)), 4),
+            "residuals": {r["task"]: round(float(x), 3) for r, x in zip(f32, resid_f32)}}
 
 
 def fit_vs_table(fits: list[dict], published: np.ndarray, subsets: int = 2000) -> dict:

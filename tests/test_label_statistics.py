@@ -26,9 +26,9 @@ def test_precision_follows_the_device_name():
     assert precision("NVIDIA H200") == "bfloat16"
 
 
-def row(task, source, spearman, precisions, complete=True, label_sd=4.0):
+def row(task, source, spearman, precisions, complete=True, label_sd=4.0, table_sd=5.0):
     return {"task": task, "source": source, "table_spearman": spearman, "precisions": precisions,
-            "complete": complete, "label_sd": label_sd}
+            "complete": complete, "label_sd": label_sd, "table_sd": table_sd}
 
 
 def test_float32_tasks_are_set_against_their_sources_bfloat16_median():
@@ -48,6 +48,27 @@ def test_float32_tasks_are_set_against_their_sources_bfloat16_median():
     assert got["mixed_tasks"] == 1
     assert [t["label_sd_over_source_median"] for t in got["tasks"]] == [0.5, 1.0]
     assert got["label_sd_below_source_median"] == 1
+
+
+def test_float32_tasks_with_narrow_table_spreads_are_judged_against_what_the_spread_predicts():
+    # bfloat16 tasks: Spearman = intercept of the source + 0.05 per point of table spread
+    rng = np.random.default_rng(3)
+    rows = [row(f"{s}{i}", s, base + 0.05 * sd + rng.normal(0, 0.01), ["bfloat16"], table_sd=sd)
+            for s, base in (("A", 0.1), ("B", 0.3)) for i, sd in enumerate(rng.uniform(2, 12, 12))]
+    on_the_line = [row(f"f{i}", s, base + 0.05 * sd, ["float32"], table_sd=sd)
+                   for i, (s, base, sd) in enumerate([("A", 0.1, 2.0), ("B", 0.3, 3.0), ("A", 0.1, 2.5), ("B", 0.3, 2.0)])]
+    got = float32_vs_source(rows + on_the_line)
+    # narrow spreads put all four below their source's median, but not below the prediction
+    assert got["below_source_median"] == 4
+    adjusted = got["spread_adjusted"]
+    assert adjusted["float32_tasks"] == 4
+    assert adjusted["slope_per_table_sd_point"] == pytest.approx(0.05, abs=0.01)
+    assert abs(adjusted["mean_residual"]) < 0.02 and adjusted["draw_share_at_most"] > 0.05
+
+    below_the_line = [dict(r, table_spearman=r["table_spearman"] - 0.3) for r in on_the_line]
+    low = float32_vs_source(rows + below_the_line)["spread_adjusted"]
+    assert low["below_prediction"] == 4 and low["mean_residual"] == pytest.approx(-0.3, abs=0.02)
+    assert low["draw_share_at_most"] < 0.01
 
 
 def test_a_change_within_label_noise_is_common_and_a_reversal_is_not():
