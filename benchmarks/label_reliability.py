@@ -96,22 +96,22 @@ def sign_test_below(below: int, n: int) -> float:
 def float32_vs_source(rows: list[dict]) -> dict:
     """Each complete task labelled wholly in float32 against its source's bfloat16 median."""
     complete = [r for r in rows if r["complete"] and np.isfinite(r["table_spearman"])]
+    bf16_rows = [r for r in complete if r["precisions"] == ["bfloat16"]]
     bf16 = defaultdict(list)
-    for r in complete:
-        if r["precisions"] == ["bfloat16"]:
-            bf16[r["source"]].append(r)
+    for r in bf16_rows:
+        bf16[r["source"]].append(r)
     # per source: the bfloat16 tasks' median agreement and median label spread
     medians = {s: (statistics.median(x["table_spearman"] for x in rs), statistics.median(x["label_sd"] for x in rs))
                for s, rs in bf16.items()}
+    f32_rows = [r for r in complete if r["precisions"] == ["float32"] and r["source"] in medians]
     compared = []
-    for r in complete:
-        if r["precisions"] == ["float32"] and r["source"] in medians:
-            spearman_median, sd_median = medians[r["source"]]
-            compared.append({"task": r["task"], "source": r["source"], "table_spearman": r["table_spearman"],
-                             "source_bfloat16_median": round(spearman_median, 3),
-                             "difference": round(r["table_spearman"] - spearman_median, 3),
-                             # a narrower spread of labels with the same noise ranks worse
-                             "label_sd_over_source_median": round(r["label_sd"] / sd_median, 2)})
+    for r in f32_rows:
+        spearman_median, sd_median = medians[r["source"]]
+        compared.append({"task": r["task"], "source": r["source"], "table_spearman": r["table_spearman"],
+                         "source_bfloat16_median": round(spearman_median, 3),
+                         "difference": round(r["table_spearman"] - spearman_median, 3),
+                         # a narrower spread of labels with the same noise ranks worse
+                         "label_sd_over_source_median": round(r["label_sd"] / sd_median, 2)})
     below = sum(c["difference"] < 0 for c in compared)
     narrower = sum(c["label_sd_over_source_median"] < 1 for c in compared)
     return {"float32_tasks": len(compared), "below_source_median": below,
@@ -120,19 +120,18 @@ def float32_vs_source(rows: list[dict]) -> dict:
             "label_sd_sign_test_p_one_sided": round(sign_test_below(narrower, len(compared)), 3),
             "median_difference": round(statistics.median(c["difference"] for c in compared), 3) if compared else None,
             "mixed_tasks": sum(len(r["precisions"]) > 1 for r in complete),
-            "spread_adjusted": spread_adjusted(complete), "tasks": compared}
+            "spread_adjusted": spread_adjusted(bf16_rows, f32_rows), "tasks": compared}
 
 
-def spread_adjusted(complete: list[dict], rounds: int = 20000) -> dict:
+def spread_adjusted(bf16: list[dict], f32: list[dict], rounds: int = 20000) -> dict:
     """The float32 tasks' agreement beyond what their source and their cells' table spread
     predict. A task whose ten cells lie close together in the table ranks them worse for the
     same label noise, and which cells a task gets is chance; so the bfloat16 tasks fit
     Spearman ~ source + slope * table_sd, and the float32 tasks' mean residual is set among
-    the means of as many residuals drawn from all tasks (one-sided: how often that low)."""
-    bf16 = [r for r in complete if r["precisions"] == ["bfloat16"]]
+    the means of as many residuals drawn from all tasks (one-sided: how often that low).
+    ``f32`` holds only tasks of sources that ``bf16`` has."""
     sources = sorted({r["source"] for r in bf16})
-    f32 = [r for r in complete if r["precisions"] == ["float32"] and r["source"] in sources]
-    if len(f32) == 0 or len(bf16) <= len(sources) + 1:
+    if not f32 or len(bf16) <= len(sources) + 1:
         return {"float32_tasks": len(f32)}
 
     def design(rs):  # (tasks, sources + 1): source intercepts, then the table spread
@@ -147,9 +146,9 @@ def spread_adjusted(complete: list[dict], rounds: int = 20000) -> dict:
     rng = np.random.default_rng(0)
     means = np.array([rng.choice(pooled, len(f32), replace=False).mean() for _ in range(rounds)])
     observed = float(resid_f32.mean())
+    below = int((resid_f32 < 0).sum())
     return {"float32_tasks": len(f32), "slope_per_table_sd_point": round(float(coef[-1]), 3),
-            "below_prediction": int((resid_f32 < 0).sum()),
-            "sign_test_p_one_sided": round(sign_test_below(int((resid_f32 < 0).sum()), len(f32)), 3),
+            "below_prediction": below, "sign_test_p_one_sided": round(sign_test_below(below, len(f32)), 3),
             "mean_residual": round(observed, 3),
             "median_residual": round(float(np.median(resid_f32)), 3),
             "draw_share_at_most": round(float(np.mean(means <= observed)), 4),
